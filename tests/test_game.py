@@ -1,0 +1,254 @@
+"""The toy game, its exact Bellman solution and the plot helpers."""
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests
+
+import numpy as np
+import pytest
+
+import utils
+from utils import DRAW, STOP, Lottery, optimal_policy, play_episode, policy_values
+
+
+def discounted_return(rewards, gamma):
+    return float(sum(r * gamma**t for t, r in enumerate(rewards)))
+
+
+def always(action):
+    return lambda state: action
+
+
+# ---------------------------------------------------------------- the game ---
+
+def test_reset_and_step_signatures():
+    env = Lottery()
+    state, info = env.reset(seed=0)
+    assert state in ("w", "l") and info == {}
+    out = env.step(DRAW)
+    assert len(out) == 5
+    next_state, reward, terminated, truncated, info = out
+    assert next_state in ("w", "l") and isinstance(reward, float)
+    assert isinstance(terminated, bool) and truncated is False and info == {}
+
+
+def test_stop_ends_the_episode_with_zero_reward():
+    env = Lottery()
+    state, _ = env.reset(seed=1)
+    next_state, reward, terminated, truncated, _ = env.step(STOP)
+    assert (next_state, reward, terminated, truncated) == (state, 0.0, True, False)
+
+
+def test_same_seed_same_episode_and_different_seeds_differ():
+    first = play_episode(Lottery(), always(DRAW), seed=123)
+    second = play_episode(Lottery(), always(DRAW), seed=123)
+    third = play_episode(Lottery(), always(DRAW), seed=124)
+    assert first.rewards == second.rewards and first.states == second.states
+    assert first.rewards != third.rewards
+
+
+def test_start_state_is_fair_coin():
+    env = Lottery()
+    starts = [env.reset(seed=s)[0] for s in range(4000)]
+    share_w = starts.count("w") / len(starts)
+    assert abs(share_w - 0.5) < 0.03  # 4 standard errors
+
+
+def test_episode_length_is_geometric_with_end_prob():
+    env = Lottery()
+    env.reset(seed=7)
+    lengths = [len(play_episode(env, always(DRAW))) for _ in range(3000)]
+    # Geometric(p=0.01): mean 100, std ~99.5, so the standard error is ~1.8.
+    assert abs(np.mean(lengths) - 100) < 8
+
+
+def test_reward_law_in_each_state():
+    env = Lottery()
+    env.reset(seed=11)
+    by_state = {"w": [], "l": []}
+    for _ in range(300):
+        episode = play_episode(env, always(DRAW))
+        for state, reward in zip(episode.states, episode.rewards):
+            by_state[state].append(reward)
+    for state, mean in (("w", 1.0), ("l", -1.0)):
+        rewards = np.array(by_state[state])
+        assert len(rewards) > 5000
+        assert abs(rewards.mean() - mean) < 0.05
+        assert abs(rewards.std() - 1.0) < 0.05
+
+
+def test_state_stays_by_default_and_switches_when_asked():
+    stay = play_episode(Lottery(), always(DRAW), seed=3)
+    assert len(set(stay.states)) == 1
+    env = Lottery(switch_prob=0.3)
+    env.reset(seed=5)
+    switches = steps = 0
+    for _ in range(200):
+        episode = play_episode(env, always(DRAW))
+        trajectory = episode.states + [episode.final_state]
+        # the last transition is the end of the episode, where no switch is drawn
+        switches += sum(a != b for a, b in zip(trajectory[:-2], trajectory[1:-1]))
+        steps += len(episode) - 1
+    assert abs(switches / steps - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.5])
+def test_monte_carlo_returns_match_the_bellman_solution(gamma):
+    env = Lottery()
+    env.reset(seed=21)
+    returns = {"w": [], "l": []}
+    for _ in range(4000):
+        episode = play_episode(env, always(DRAW))
+        returns[episode.states[0]].append(discounted_return(episode.rewards, gamma))
+    truth = policy_values({"w": 1, "l": 1}, gamma)
+    for state in ("w", "l"):
+        sample = np.array(returns[state])
+        stderr = sample.std() / np.sqrt(len(sample))
+        assert abs(sample.mean() - truth[state]) < 4 * stderr + 1e-9
+
+
+def test_switching_game_values_match_simulation():
+    env = Lottery(switch_prob=0.2)
+    env.reset(seed=8)
+    gamma = 0.9
+    returns = {"w": [], "l": []}
+    for _ in range(4000):
+        episode = play_episode(env, lambda s: DRAW if s == "w" else (DRAW if env._rng.random() < 0.5 else STOP))
+        returns[episode.states[0]].append(discounted_return(episode.rewards, gamma))
+    truth = policy_values({"w": 1.0, "l": 0.5}, gamma, env)
+    for state in ("w", "l"):
+        sample = np.array(returns[state])
+        assert abs(sample.mean() - truth[state]) < 4 * sample.std() / np.sqrt(len(sample))
+
+
+@pytest.mark.parametrize("bad", [2, -1, 0.5, "draw", None, True])
+def test_invalid_action_raises(bad):
+    env = Lottery()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(bad)
+
+
+def test_step_after_end_or_before_reset_raises():
+    env = Lottery()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(DRAW)
+    env.reset(seed=0)
+    env.step(STOP)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(DRAW)
+
+
+def test_numpy_integer_actions_are_accepted():
+    env = Lottery()
+    env.reset(seed=0)
+    env.step(np.int64(1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(end_prob=0), dict(end_prob=1.5), dict(switch_prob=-0.1),
+                                    dict(reward_std=-1), dict(reward_means={"w": 1})])
+def test_bad_game_parameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        Lottery(**kwargs)
+
+
+# ---------------------------------------------------------------- the solver ---
+
+def test_always_draw_values_from_the_issue():
+    values = policy_values({"w": 1, "l": 1}, 0.9)
+    assert values["w"] == pytest.approx(1 / (1 - 0.9 * 0.99))
+    assert values["w"] == pytest.approx(9.17, abs=0.01)
+    assert values["l"] == pytest.approx(-9.17, abs=0.01)
+
+
+def test_policy_formats_agree():
+    as_dict = policy_values({"w": 0.3, "l": 0.6}, 0.95)
+    as_pair = policy_values([0.3, 0.6], 0.95)
+    as_table = policy_values([[0.7, 0.3], [0.4, 0.6]], 0.95)
+    assert as_dict == pytest.approx(as_pair) and as_dict == pytest.approx(as_table)
+
+
+def test_values_satisfy_the_bellman_equation_with_switching():
+    env = Lottery(switch_prob=0.25, end_prob=0.05)
+    policy = {"w": 0.8, "l": 0.3}
+    gamma = 0.97
+    v = policy_values(policy, gamma, env)
+    other = {"w": "l", "l": "w"}
+    for s in ("w", "l"):
+        expected_next = 0.75 * v[s] + 0.25 * v[other[s]]
+        rhs = policy[s] * (env.reward_means[s] + gamma * (1 - env.end_prob) * expected_next)
+        assert v[s] == pytest.approx(rhs)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99, 1.0])
+def test_optimal_policy_draws_in_w_and_stops_in_l(gamma):
+    policy, values = optimal_policy(gamma)
+    assert policy == {"w": 1.0, "l": 0.0}
+    assert values["l"] == 0.0
+    assert values["w"] == pytest.approx(1 / (1 - gamma * 0.99))
+    # no other policy beats it in any state
+    for p in np.linspace(0, 1, 11):
+        for q in np.linspace(0, 1, 11):
+            other = policy_values({"w": p, "l": q}, gamma)
+            assert other["w"] <= values["w"] + 1e-9 and other["l"] <= values["l"] + 1e-9
+
+
+@pytest.mark.parametrize("bad", [{"w": 1.2, "l": 0}, {"w": 1}, [0.5], [[0.5, 0.6], [1, 0]]])
+def test_solver_rejects_bad_policies(bad):
+    with pytest.raises(ValueError):
+        policy_values(bad, 0.9)
+
+
+def test_solver_rejects_bad_gamma():
+    with pytest.raises(ValueError, match="gamma"):
+        policy_values({"w": 1, "l": 1}, 1.5)
+
+
+# ---------------------------------------------------------------- plot helpers ---
+
+def _texts(fig):
+    ax = fig.axes[0]
+    return ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plot_value_estimates_has_truth_as_dashed_lines():
+    truth = {"w": 9.17, "l": -9.17}
+    fig = utils.plot_value_estimates({"w": np.linspace(0, 9, 50), "l": np.linspace(0, -9, 50)}, truth)
+    title, xlabel, ylabel, legend = _texts(fig)
+    assert title and xlabel and ylabel == "V(s)"
+    assert any("true V(w)" in t for t in legend)
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert sorted(round(line.get_ydata()[0], 2) for line in dashed) == [-9.17, 9.17]
+    assert fig.dpi <= 100
+
+
+def test_plot_action_probabilities():
+    fig = utils.plot_action_probabilities({"w": np.linspace(0.5, 1, 20), "l": np.linspace(0.5, 0, 20)},
+                                          {"w": 1.0, "l": 0.0}, steps=np.arange(20) * 10)
+    title, xlabel, ylabel, legend = _texts(fig)
+    assert title and xlabel == "episode" and "P(draw" in ylabel and len(legend) == 4
+
+
+def test_plot_runs_band():
+    rng = np.random.default_rng(0)
+    fig = utils.plot_runs_band({"A": rng.normal(size=(5, 30)), "B": rng.normal(size=(5, 30))},
+                               reference=1.0, ylabel="return")
+    title, xlabel, ylabel, legend = _texts(fig)
+    assert ylabel == "return" and "A (n=5)" in legend and "target" in legend
+    assert len(fig.axes[0].collections) == 2  # one band per method
+    with pytest.raises(ValueError, match="n_seeds"):
+        utils.plot_runs_band({"A": np.zeros(3)})
+
+
+# ---------------------------------------------------------------- hyperparameter checks ---
+
+def test_check_param_names_the_parameter():
+    utils.check_param("gamma", 0.9, low=0, high=1)
+    utils.check_param("episodes", 10, low=1, integer=True)
+    with pytest.raises(ValueError, match="gamma must be <= 1"):
+        utils.check_param("gamma", 1.5, low=0, high=1)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        utils.check_param("lr", 0.0, low=0, low_open=True)
+    with pytest.raises(ValueError, match="episodes must be an integer"):
+        utils.check_param("episodes", 2.5, low=1, integer=True)
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        utils.check_param("beta", float("nan"), low=0)

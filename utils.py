@@ -1,0 +1,305 @@
+"""Shared code for the course notebooks.
+
+Sections
+--------
+1. Reproducibility and device helpers (``set_seed``, ``get_device``).
+2. The chapter's toy game, ``Lottery``, with the exact Bellman solution
+   (``policy_values``, ``optimal_policy``) that every notebook compares its
+   estimates with.
+3. Plot helpers that return a matplotlib figure.
+4. The small-LLM lab (corpus, tokenizer, GPT-2, reward model) used by the
+   LLM notebooks.
+
+The learning algorithms themselves live in the notebooks: reading them is the
+lesson. This module holds only what several notebooks share.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# 1. Reproducibility and device
+# ---------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and (when installed) PyTorch on CPU and CUDA."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+    except ImportError:  # the game and its tests need no torch
+        return
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device():
+    """CUDA when a GPU is present, else CPU. Nothing in the course assumes CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------
+# 2. The toy game
+# ---------------------------------------------------------------------------
+
+STATES = ("w", "l")  # 'w': the lottery is winning, 'l': it is losing
+STATE_INDEX = {state: i for i, state in enumerate(STATES)}
+STOP, DRAW = 0, 1  # the two actions
+ACTIONS = (STOP, DRAW)
+ACTION_NAMES = ("stop", "draw")
+
+
+class Lottery:
+    """The chapter's game, with Gymnasium-style ``reset`` and ``step``.
+
+    The episode starts in ``'w'`` or ``'l'`` with probability 1/2 each.
+
+    * action 0 (stop): the episode ends with reward 0;
+    * action 1 (draw): the reward is drawn from N(+1, 1) in ``'w'`` and
+      N(-1, 1) in ``'l'``; afterwards the episode ends with probability
+      ``end_prob`` (0.01), otherwise the state switches to the other one with
+      probability ``switch_prob`` (0 by default: the state stays).
+
+    The defaults reproduce the chapter's game exactly. ``switch_prob > 0``
+    makes the next state differ from the current one, which is what exposes a
+    wrong ``V(s_{t+1})`` index in a TD or GAE implementation.
+    """
+
+    def __init__(self, end_prob: float = 0.01, switch_prob: float = 0.0,
+                 reward_means: Mapping[str, float] | None = None, reward_std: float = 1.0):
+        if not 0.0 < end_prob <= 1.0:
+            raise ValueError(f"end_prob must be in (0, 1], got {end_prob!r}")
+        if not 0.0 <= switch_prob <= 1.0:
+            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob!r}")
+        if reward_std < 0:
+            raise ValueError(f"reward_std must be >= 0, got {reward_std!r}")
+        reward_means = dict(reward_means or {"w": 1.0, "l": -1.0})
+        if set(reward_means) != set(STATES):
+            raise ValueError(f"reward_means needs exactly the keys {STATES}, got {sorted(reward_means)}")
+        self.end_prob = float(end_prob)
+        self.switch_prob = float(switch_prob)
+        self.reward_means = reward_means
+        self.reward_std = float(reward_std)
+        self._rng = np.random.default_rng()
+        self.state: str | None = None
+        self.done = True
+
+    def __repr__(self) -> str:
+        return (f"Lottery(end_prob={self.end_prob}, switch_prob={self.switch_prob}, "
+                f"reward_means={self.reward_means}, reward_std={self.reward_std})")
+
+    def reset(self, seed: int | None = None):
+        """Start an episode. A seed re-seeds the game's own random generator."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self.state = STATES[int(self._rng.integers(2))]
+        self.done = False
+        return self.state, {}
+
+    def step(self, action):
+        """Play one action: returns ``(state, reward, terminated, truncated, info)``."""
+        if self.done:
+            raise RuntimeError("the episode has ended (or never started): call reset() first")
+        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)) \
+                or int(action) not in ACTIONS:
+            raise ValueError(f"action must be 0 (stop) or 1 (draw), got {action!r}")
+        if int(action) == STOP:
+            self.done = True
+            return self.state, 0.0, True, False, {}
+        reward = float(self._rng.normal(self.reward_means[self.state], self.reward_std))
+        if self._rng.random() < self.end_prob:
+            self.done = True
+        elif self.switch_prob > 0 and self._rng.random() < self.switch_prob:
+            self.state = "l" if self.state == "w" else "w"
+        return self.state, reward, self.done, False, {}
+
+
+@dataclass
+class Episode:
+    """One played episode. ``states[t]`` is the state in which ``actions[t]`` was taken."""
+
+    states: list
+    actions: list
+    rewards: list
+    final_state: str
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+def play_episode(env: Lottery, choose_action: Callable[[str], int], seed: int | None = None,
+                 max_steps: int = 100_000) -> Episode:
+    """Play one episode with ``choose_action(state) -> action``.
+
+    ``max_steps`` only guards against a policy that would never stop; with the
+    default game an always-draw episode lasts 100 steps on average.
+    """
+    state, _ = env.reset(seed=seed)
+    states, actions, rewards = [], [], []
+    for _ in range(max_steps):
+        action = choose_action(state)
+        next_state, reward, terminated, truncated, _ = env.step(action)
+        states.append(state)
+        actions.append(int(action))
+        rewards.append(reward)
+        state = next_state
+        if terminated or truncated:
+            return Episode(states, actions, rewards, state)
+    raise RuntimeError(f"episode did not end within max_steps={max_steps}")
+
+
+def _as_draw_probabilities(policy) -> np.ndarray:
+    """Accept {'w': p, 'l': p}, a length-2 sequence, or a (2, 2) table of P(a|s)."""
+    if isinstance(policy, Mapping):
+        if set(policy) != set(STATES):
+            raise ValueError(f"policy needs exactly the keys {STATES}, got {sorted(policy)}")
+        probs = np.array([policy[s] for s in STATES], dtype=float)
+    else:
+        probs = np.asarray(policy, dtype=float)
+        if probs.shape == (2, 2):
+            if not np.allclose(probs.sum(axis=1), 1.0):
+                raise ValueError("each row of a (2, 2) policy table must sum to 1")
+            probs = probs[:, DRAW]
+        elif probs.shape != (2,):
+            raise ValueError(f"policy must give P(draw | s) for the states {STATES}, got shape {probs.shape}")
+    if np.any(probs < 0) or np.any(probs > 1):
+        raise ValueError(f"draw probabilities must lie in [0, 1], got {probs}")
+    return probs
+
+
+def policy_values(policy, gamma: float, env: Lottery | None = None) -> dict:
+    """True state values V^pi of a stationary policy, by solving the Bellman equations.
+
+    ``policy`` gives P(draw | s) per state. With p_s = P(draw | s), e the end
+    probability and T the switching matrix:
+
+        V(s) = p_s * ( mu_s + gamma * (1 - e) * sum_s' T[s, s'] V(s') )
+
+    i.e. the linear system (I - gamma * P) V = r with r_s = p_s * mu_s and
+    P[s, s'] = p_s * (1 - e) * T[s, s'].
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    env = env or Lottery()
+    draw = _as_draw_probabilities(policy)
+    means = np.array([env.reward_means[s] for s in STATES])
+    switch = np.array([[1 - env.switch_prob, env.switch_prob],
+                       [env.switch_prob, 1 - env.switch_prob]])
+    transition = draw[:, None] * (1 - env.end_prob) * switch
+    values = np.linalg.solve(np.eye(2) - gamma * transition, draw * means)
+    return {s: float(values[i]) + 0.0 for i, s in enumerate(STATES)}  # + 0.0 turns -0.0 into 0.0
+
+
+def optimal_policy(gamma: float, env: Lottery | None = None):
+    """The optimal policy and its values: ``({'w': P(draw|w), 'l': P(draw|l)}, values)``.
+
+    With two states and two actions there are only four deterministic
+    policies, and an optimal one is always among them, so we evaluate all
+    four exactly and keep the one whose values are largest in every state.
+    """
+    best = None
+    for draw_w in (0.0, 1.0):
+        for draw_l in (0.0, 1.0):
+            policy = {"w": draw_w, "l": draw_l}
+            values = policy_values(policy, gamma, env)
+            if best is None or all(values[s] >= best[1][s] - 1e-12 for s in STATES):
+                best = (policy, values)
+    return best
+
+
+# ---------------------------------------------------------------------------
+# 3. Plot helpers (each returns the figure; the notebook displays it)
+# ---------------------------------------------------------------------------
+
+FIG_DPI = 80  # modest: keeps the stored notebooks small
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str, figsize=(7, 4)):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize, dpi=FIG_DPI)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: Mapping[str, float],
+                         steps: Sequence[float] | None = None, title: str = "Value estimates during training",
+                         xlabel: str = "episode"):
+    """Estimated V(s) over training (solid) against the true values (dashed), one colour per state."""
+    fig, ax = _new_axes(title, xlabel, "V(s)")
+    for i, state in enumerate(STATES):
+        curve = np.asarray(estimates[state], dtype=float)
+        x = np.arange(len(curve)) if steps is None else np.asarray(steps)
+        color = f"C{i}"
+        ax.plot(x, curve, color=color, label=f"estimate V({state})")
+        ax.axhline(true_values[state], color=color, linestyle="--", label=f"true V({state}) = {true_values[state]:.2f}")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_action_probabilities(draw_probabilities: Mapping[str, Sequence[float]], optimal: Mapping[str, float],
+                              steps: Sequence[float] | None = None,
+                              title: str = "P(draw | state) during training", xlabel: str = "episode"):
+    """P(draw | s) over training (solid) against the optimal policy (dashed)."""
+    fig, ax = _new_axes(title, xlabel, "P(draw | s)")
+    for i, state in enumerate(STATES):
+        curve = np.asarray(draw_probabilities[state], dtype=float)
+        x = np.arange(len(curve)) if steps is None else np.asarray(steps)
+        color = f"C{i}"
+        ax.plot(x, curve, color=color, label=f"P(draw | {state})")
+        ax.axhline(optimal[state], color=color, linestyle="--", label=f"optimal P(draw | {state}) = {optimal[state]:.0f}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs_band(runs: Mapping[str, np.ndarray], steps: Sequence[float] | None = None,
+                   title: str = "Mean over seeds ± one standard deviation", xlabel: str = "episode",
+                   ylabel: str = "value", reference: float | None = None, reference_label: str = "target"):
+    """Several seeds per method: the mean as a line and mean ± std as a band.
+
+    ``runs[label]`` has shape (n_seeds, n_points).
+    """
+    fig, ax = _new_axes(title, xlabel, ylabel)
+    for i, (label, curves) in enumerate(runs.items()):
+        curves = np.asarray(curves, dtype=float)
+        if curves.ndim != 2:
+            raise ValueError(f"runs[{label!r}] must have shape (n_seeds, n_points), got {curves.shape}")
+        x = np.arange(curves.shape[1]) if steps is None else np.asarray(steps)
+        mean, std = curves.mean(axis=0), curves.std(axis=0)
+        ax.plot(x, mean, color=f"C{i}", label=f"{label} (n={curves.shape[0]})")
+        ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", label=reference_label)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def check_param(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                integer: bool = False) -> None:
+    """Raise a ``ValueError`` naming the hyperparameter when ``value`` is outside its range.
+
+    Notebooks call this right after their ``parameters`` cell, so a bad value
+    stops the notebook before any training starts.
+    """
+    if integer and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not integer and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                        or not np.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
