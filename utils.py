@@ -328,6 +328,7 @@ import time
 from pathlib import Path
 
 LAB_DIR = Path(__file__).resolve().parent / "artifacts"  # git-ignored cache of trained models
+LAB_VERSION = 4  # part of every cache key: bump it when the corpus, pairs or training code change
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
@@ -348,15 +349,22 @@ POSITIVE_ADJECTIVES = ("great", "wonderful", "brilliant", "moving", "funny", "be
                        "charming", "superb", "delightful", "excellent")
 NEGATIVE_ADJECTIVES = ("boring", "awful", "terrible", "dull", "painful", "stupid", "weak",
                        "messy", "predictable", "bad")
-POSITIVE_TAILS = ("and i loved it", "and i would gladly watch it again", "from start to finish",
-                  "and a real joy to watch", "and we all enjoyed it")
-NEGATIVE_TAILS = ("and i hated it", "and a waste of time", "from start to finish",
-                  "and i want my money back", "and we all regretted it")
-POSITIVE_CLAUSES = ("we loved every minute", "we laughed all the way through", "we enjoyed it a lot")
-NEGATIVE_CLAUSES = ("we hated every minute", "we fell asleep halfway", "we walked out early")
+# Tails: a fixed phrase, or "and <who> <verb> <what>" ("and we all enjoyed every minute").
+TAIL_SUBJECTS = ("i", "we", "we all", "my kids")
+POSITIVE_VERBS, NEGATIVE_VERBS = ("loved", "enjoyed"), ("hated", "regretted")
+TAIL_OBJECTS = ("it", "every minute", "the whole thing")
+POSITIVE_TAILS = ("and i would gladly watch it again", "from start to finish", "and a real joy to watch") + tuple(
+    f"and {who} {verb} {what}" for who in TAIL_SUBJECTS for verb in POSITIVE_VERBS for what in TAIL_OBJECTS)
+NEGATIVE_TAILS = ("and i want my money back", "from start to finish", "and a waste of time") + tuple(
+    f"and {who} {verb} {what}" for who in TAIL_SUBJECTS for verb in NEGATIVE_VERBS for what in TAIL_OBJECTS)
+# After a clause opening ("... with my kids and"): "it was <description>" or "<who> <verb> <what>".
+POSITIVE_CLAUSES = ("we laughed all the way through",) + tuple(
+    f"{who} {verb} {what}" for who in TAIL_SUBJECTS for verb in POSITIVE_VERBS for what in TAIL_OBJECTS)
+NEGATIVE_CLAUSES = ("we fell asleep halfway", "we walked out early") + tuple(
+    f"{who} {verb} {what}" for who in TAIL_SUBJECTS for verb in NEGATIVE_VERBS for what in TAIL_OBJECTS)
 
-POSITIVE_WORDS = frozenset({*POSITIVE_ADJECTIVES, "loved", "gladly", "joy", "enjoyed", "laughed"})
-NEGATIVE_WORDS = frozenset({*NEGATIVE_ADJECTIVES, "hated", "waste", "regretted", "money", "asleep", "walked"})
+POSITIVE_WORDS = frozenset({*POSITIVE_ADJECTIVES, *POSITIVE_VERBS, "gladly", "joy", "laughed"})
+NEGATIVE_WORDS = frozenset({*NEGATIVE_ADJECTIVES, *NEGATIVE_VERBS, "waste", "money", "asleep", "walked"})
 GOLD_LABELS = ("positive", "negative", "mixed", "malformed")
 
 
@@ -498,9 +506,9 @@ class SFTConfig:
     n_head: int = 4
     n_positions: int = 48     # context length: longest prompt + response fits with room to spare
     dropout: float = 0.1      # GPT-2's usual value, in embeddings, attention and residuals
-    steps: int = 500
+    steps: int = 800          # the held-out loss reaches its floor (~1.03 nats/token) by then
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 4e-3
 
 
 @dataclass(frozen=True)
@@ -554,7 +562,7 @@ def _file_digest(path: Path) -> str:
 def _config_key(kind: str, config) -> str:
     from dataclasses import asdict
 
-    payload = json.dumps({"kind": kind, **asdict(config)}, sort_keys=True)
+    payload = json.dumps({"kind": kind, "lab_version": LAB_VERSION, **asdict(config)}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 
@@ -664,31 +672,47 @@ def train_sft_model(config: SFTConfig = SFTConfig(), tokenizer=None, progress: b
     return model, tokenizer, info
 
 
+DEGENERATE_KINDS = ("bare prompt", "truncated", "corrupted", "run-on", "word salad")
+
+
 def preference_pairs(n_pairs: int, seed: int, openings=None, hardened: bool = False):
     """Preference pairs ``(chosen, rejected, kind)`` for the same opening.
 
     The chosen text is always a positive review. The rejected one is a
-    negative review ('negative'); with ``hardened`` a third of the pairs reject
-    a degenerate answer instead: the bare prompt, a truncated positive review,
-    or word salad made of positive words.
+    negative review ('negative'); with ``hardened`` 40 % of the pairs reject a
+    degenerate answer instead: the bare prompt, a truncated positive review,
+    one with a word or two swapped for random ones, a positive review running
+    on past its full stop, or word salad made of positive words.
     """
     rng = np.random.default_rng(seed)
     openings = tuple(openings or train_openings())
-    positive_words = list(POSITIVE_ADJECTIVES) + ["loved", "joy", "enjoyed", "really", "so", "and"]
+    positive_words = list(POSITIVE_ADJECTIVES) + ["loved", "joy", "enjoyed", "really", "so", "and", "minute"]
+    vocabulary = lab_vocabulary()
     pairs = []
     for _ in range(n_pairs):
         opening = openings[int(rng.integers(len(openings)))]
         chosen = f"{opening} {_continuation(rng, opening, positive=True)}"
         kind = "negative"
-        if hardened and rng.random() < 1 / 3:
-            kind = ("bare prompt", "truncated", "word salad")[int(rng.integers(3))]
+        if hardened and rng.random() < 0.4:
+            kind = DEGENERATE_KINDS[int(rng.integers(len(DEGENERATE_KINDS)))]
         if kind == "negative":
             rejected = f"{opening} {_continuation(rng, opening, positive=False)}"
         elif kind == "bare prompt":
             rejected = opening
-        elif kind == "truncated":
+        elif kind == "truncated":  # cut short, with or without a full stop: "the plot was really ."
             words = _continuation(rng, opening, positive=True).split()
-            rejected = " ".join([opening] + words[:int(rng.integers(1, len(words)))])  # drops at least the '.'
+            kept = words[:int(rng.integers(1, len(words) - 1))] if len(words) > 2 else words[:1]
+            rejected = " ".join([opening] + kept + (["."] if rng.random() < 0.5 else []))
+        elif kind == "corrupted":  # one or two words swapped for random vocabulary: no longer a sentence
+            words = chosen.split()
+            for position in rng.choice(len(words), size=min(2, len(words)), replace=False)[:int(rng.integers(1, 3))]:
+                words[position] = vocabulary[int(rng.integers(len(vocabulary)))]
+            rejected = " ".join(words)
+            if gold_label(rejected) == "positive":  # the swap happened to keep a valid review
+                rejected, kind = f"{opening} {_continuation(rng, opening, positive=False)}", "negative"
+        elif kind == "run-on":  # a good review followed by more words after the full stop
+            extra = rng.choice(positive_words + ["."], size=int(rng.integers(1, 6)))
+            rejected = f"{chosen} {' '.join(extra)}"
         else:
             salad = rng.choice(positive_words, size=int(rng.integers(3, 12)))
             rejected = " ".join([opening, *salad] + (["."] if rng.random() < 0.5 else []))
@@ -1030,12 +1054,13 @@ class PPOConfig:
     max_new_tokens: int = 20      # response length cap
     ppo_epochs: int = 4           # passes over the rollout batch
     minibatch_size: int = 16      # 64 / 16 = 4 minibatches per epoch
-    lr: float = 5e-4              # Adam learning rate of policy and value head
+    lr: float = 3e-4              # Adam learning rate of the language model
+    value_lr: float = 3e-3        # Adam learning rate of the value head (a linear probe learns faster)
     clip_range: float = 0.2       # epsilon of the clipped surrogate
     clip_range_value: float = 0.2  # the value loss is clipped around the old values, too
     value_coef: float = 0.5       # c1
     entropy_coef: float = 0.0     # c2 (entropy bonus)
-    beta: float = 0.2             # KL coefficient (initial value when adaptive)
+    beta: float = 0.3             # KL coefficient (initial value when adaptive)
     kl_in_reward: bool = True     # True: -beta * KL per token in the reward; False: + beta * KL in the loss
     adaptive_kl: bool = False     # adapt beta towards target_kl (Ziegler et al. 2019)
     target_kl: float = 2.0        # target per-sequence KL for the adaptive controller
@@ -1045,6 +1070,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     use_value_clipping: bool = True
     max_grad_norm: float = 1.0
+    early_stop_kl: float | None = 0.02  # end an iteration's updates once a minibatch's approx_kl exceeds this (None: never)
     dropout: bool = False         # True = dropout ACTIVE in rollouts and log-prob passes (the bug, see notebook 6)
 
     def validate(self, context: int | None = None, prompt_length: int = 0) -> None:
@@ -1056,6 +1082,7 @@ class PPOConfig:
         if self.minibatch_size > self.batch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) must not exceed batch_size ({self.batch_size})")
         check_param("lr", self.lr, low=0, low_open=True)
+        check_param("value_lr", self.value_lr, low=0, low_open=True)
         check_param("clip_range", self.clip_range, low=0, low_open=True)
         check_param("clip_range_value", self.clip_range_value, low=0, low_open=True)
         check_param("value_coef", self.value_coef, low=0)
@@ -1066,6 +1093,8 @@ class PPOConfig:
         check_param("gamma", self.gamma, low=0, high=1)
         check_param("lam", self.lam, low=0, high=1)
         check_param("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        if self.early_stop_kl is not None:
+            check_param("early_stop_kl", self.early_stop_kl, low=0, low_open=True)
         if context is not None and prompt_length + self.max_new_tokens > context:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) plus the longest prompt ({prompt_length} tokens) "
                              f"exceeds the model's context of {context} tokens")
@@ -1074,14 +1103,18 @@ class PPOConfig:
 class PolicyWithValueHead:
     """The PPO policy: a causal LM plus a linear value head on its last hidden state.
 
+    With ``detach_value`` (the default) the value loss trains only the head: the
+    critic's squared errors, in reward units, would otherwise flow into the
+    language model and disturb the policy gradient (llm_ppo.ipynb measures it).
+
     ``forward`` returns logits (batch, seq_len, vocab) and values (batch, seq_len):
     ``values[:, i]`` estimates the return from the state "tokens 0..i seen".
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, detach_value: bool = True):
         import torch
 
-        self.lm = lm
+        self.lm, self.detach_value = lm, detach_value
         hidden = lm.config.hidden_size
         self.value_head = torch.nn.Linear(hidden, 1).to(next(lm.parameters()).device)
         torch.nn.init.zeros_(self.value_head.weight)
@@ -1100,7 +1133,8 @@ class PolicyWithValueHead:
     def __call__(self, input_ids, attention_mask, position_ids):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=True)
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        hidden = out.hidden_states[-1]
+        values = self.value_head(hidden.detach() if self.detach_value else hidden).squeeze(-1)
         return out.logits, values
 
 
@@ -1289,7 +1323,8 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
     run_path.parent.mkdir(parents=True, exist_ok=True)
 
     set_seed(seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([{"params": list(policy.lm.parameters()), "lr": config.lr},
+                                  {"params": list(policy.value_head.parameters()), "lr": config.value_lr}])
     kl_controller = KLController(config.beta, config.adaptive_kl, config.target_kl, config.kl_horizon)
     ref_lm.train(config.dropout)  # the reference is frozen; dropout (if on) still perturbs it
     for p in ref_lm.parameters():
@@ -1323,8 +1358,10 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
                 if config.whiten_advantages:
                     advantages = whiten(advantages, r_mask)
             # 5. several epochs of minibatch updates
-            stats_log = []
+            stats_log, stop = [], False
             for epoch in range(config.ppo_epochs):
+                if stop:
+                    break
                 order = torch.randperm(config.batch_size)
                 for k, start_row in enumerate(range(0, config.batch_size, config.minibatch_size)):
                     rows_mb = order[start_row:start_row + config.minibatch_size].to(device)
@@ -1341,11 +1378,14 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
                             f"lower lr or check the rewards")
                     if iteration == 1 and epoch == 0 and k == 0 and on_first_minibatch is not None:
                         on_first_minibatch(stats)
+                    stats_log.append(stats)
+                    if config.early_stop_kl is not None and stats["approx_kl"] > config.early_stop_kl:
+                        stop = True  # this rollout has moved the policy far enough: skip the remaining updates
+                        break
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    stats_log.append(stats)
             seconds = time.perf_counter() - start
             mean_kl = kl.sum(1).mean().item()  # per-sequence sum of log pi - log pi_ref, batch mean
             kl_controller.update(mean_kl)
