@@ -328,7 +328,7 @@ import time
 from pathlib import Path
 
 LAB_DIR = Path(__file__).resolve().parent / "artifacts"  # git-ignored cache of trained models
-LAB_VERSION = 4  # part of every cache key: bump it when the corpus, pairs or training code change
+LAB_VERSION = 5  # part of every cache key: bump it when the corpus, pairs or training code change
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
@@ -708,14 +708,16 @@ def preference_pairs(n_pairs: int, seed: int, openings=None, hardened: bool = Fa
             for position in rng.choice(len(words), size=min(2, len(words)), replace=False)[:int(rng.integers(1, 3))]:
                 words[position] = vocabulary[int(rng.integers(len(vocabulary)))]
             rejected = " ".join(words)
-            if gold_label(rejected) == "positive":  # the swap happened to keep a valid review
-                rejected, kind = f"{opening} {_continuation(rng, opening, positive=False)}", "negative"
         elif kind == "run-on":  # a good review followed by more words after the full stop
             extra = rng.choice(positive_words + ["."], size=int(rng.integers(1, 6)))
             rejected = f"{chosen} {' '.join(extra)}"
         else:
             salad = rng.choice(positive_words, size=int(rng.integers(3, 12)))
             rejected = " ".join([opening, *salad] + (["."] if rng.random() < 0.5 else []))
+        if kind != "negative" and gold_label(rejected) == "positive":
+            # the cut, swap or salad happened to give a valid review ("the film was charming ."):
+            # rejecting it would teach the reward model a falsehood, so this pair rejects a negative review
+            rejected, kind = f"{opening} {_continuation(rng, opening, positive=False)}", "negative"
         pairs.append((chosen, rejected, kind))
     return pairs
 
@@ -812,11 +814,11 @@ def pairwise_accuracy(reward_model, pairs) -> dict:
     kinds = np.array([p[2] for p in pairs])
     result = {"all": float(correct.mean())}
     for kind in dict.fromkeys(kinds):
-        result[kind] = float(correct[kinds == kind].mean())
+        result[str(kind)] = float(correct[kinds == kind].mean())  # plain str: same keys fresh or from the cache JSON
     return result
 
 
-def load_sft_model(config: SFTConfig = SFTConfig(), cache_dir: Path | str = LAB_DIR, progress: bool = True,
+def load_sft_model(config: SFTConfig = SFTConfig(), cache_dir: Path | str | None = None, progress: bool = True,
                    device=None):
     """The SFT model from the cache, or trained (and cached) when missing, stale or damaged.
 
@@ -825,7 +827,7 @@ def load_sft_model(config: SFTConfig = SFTConfig(), cache_dir: Path | str = LAB_
     from transformers import GPT2LMHeadModel
 
     device = device or get_device()
-    folder = Path(cache_dir) / _config_key("sft", config)
+    folder = Path(cache_dir or LAB_DIR) / _config_key("sft", config)
     cached = _load_artifact(folder, "sft", config, GPT2LMHeadModel)
     if cached is not None:
         model, tokenizer, info = cached
@@ -835,13 +837,13 @@ def load_sft_model(config: SFTConfig = SFTConfig(), cache_dir: Path | str = LAB_
     return model.eval(), tokenizer, {**info, "from_cache": False}
 
 
-def load_lab_reward_model(config: RewardConfig = RewardConfig(), cache_dir: Path | str = LAB_DIR,
+def load_lab_reward_model(config: RewardConfig = RewardConfig(), cache_dir: Path | str | None = None,
                           progress: bool = True, device=None):
     """The lab reward model from the cache, or trained (and cached). Returns ``(LabRewardModel, info)``."""
     from transformers import GPT2ForSequenceClassification
 
     device = device or get_device()
-    folder = Path(cache_dir) / _config_key("reward", config)
+    folder = Path(cache_dir or LAB_DIR) / _config_key("reward", config)
     cached = _load_artifact(folder, "reward", config, GPT2ForSequenceClassification)
     if cached is not None:
         model, tokenizer, info = cached
