@@ -606,6 +606,23 @@ def _load_artifact(folder: Path, kind: str, config, model_class):
     return model, tokenizer, manifest["info"]
 
 
+class _one_thread:
+    """Train the lab's models on one CPU thread: the models are tiny, so one thread is about as fast,
+    much faster when other programs keep the cores busy, and the weights come out the same
+    whichever notebook (or machine) trains them first."""
+
+    def __enter__(self):
+        import torch
+
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.previous)
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
@@ -832,7 +849,8 @@ def load_sft_model(config: SFTConfig = SFTConfig(), cache_dir: Path | str | None
     if cached is not None:
         model, tokenizer, info = cached
         return model.to(device).eval(), tokenizer, {**info, "from_cache": True}
-    model, tokenizer, info = train_sft_model(config, progress=progress, device=device)
+    with _one_thread():
+        model, tokenizer, info = train_sft_model(config, progress=progress, device=device)
     _save_artifact(folder, "sft", config, model, tokenizer, info)
     return model.eval(), tokenizer, {**info, "from_cache": False}
 
@@ -848,7 +866,8 @@ def load_lab_reward_model(config: RewardConfig = RewardConfig(), cache_dir: Path
     if cached is not None:
         model, tokenizer, info = cached
         return LabRewardModel(model.to(device), tokenizer), {**info, "from_cache": True}
-    reward_model, info = train_reward_model(config, progress=progress, device=device)
+    with _one_thread():
+        reward_model, info = train_reward_model(config, progress=progress, device=device)
     _save_artifact(folder, "reward", config, reward_model.model, reward_model.tokenizer, info)
     return reward_model, {**info, "from_cache": False}
 
