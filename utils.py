@@ -1052,7 +1052,6 @@ def load_reward_model(name_or_path: str = "lab", device=None, reward_config: Rew
 # so they cannot drift apart.
 
 import csv
-import math
 import warnings
 
 METRIC_COLUMNS = ("iteration", "score", "p_positive", "ref_score", "ref_p_positive", "kl", "entropy", "clipfrac",
