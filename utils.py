@@ -69,6 +69,10 @@ class Lottery:
     The defaults reproduce the chapter's game exactly. ``switch_prob > 0``
     makes the next state differ from the current one, which is what exposes a
     wrong ``V(s_{t+1})`` index in a TD or GAE implementation.
+
+    The game has its own random generator, seeded only by ``reset(seed=...)``
+    (``set_seed`` does not reach it): seed the first reset of a run, then call
+    ``reset()`` without a seed to continue the same random stream.
     """
 
     def __init__(self, end_prob: float = 0.01, switch_prob: float = 0.0,
@@ -542,7 +546,7 @@ def encode_texts(tokenizer, texts, device=None, add_eos: bool = False):
         raise ValueError("texts is empty: give at least one text")
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    if add_eos:  # the pad column we append is real for every row (left padding keeps rows aligned on the right)
+    if add_eos:  # one <eos> column on the right: with left padding every row ends there, so it is real for all
         eos = torch.full((len(texts), 1), tokenizer.eos_token_id, dtype=input_ids.dtype)
         input_ids = torch.cat([input_ids, eos], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(eos)], dim=1)
