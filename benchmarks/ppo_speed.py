@@ -54,34 +54,17 @@ def one_at_a_time_iteration(policy, reference, tokenizer, reward_model, config, 
 
 
 def batched_iteration(policy, reference, tokenizer, reward_model, config, optimizer, prompts):
-    """One iteration of utils.train_ppo's body (rollout, scoring, GAE, minibatch updates)."""
-    rollout = utils.generate_responses(policy.lm, tokenizer, prompts, config.max_new_tokens)
-    q, qm, r, rm = rollout["query_ids"], rollout["query_mask"], rollout["response_ids"], rollout["response_mask"]
-    with torch.no_grad():
-        scores = reward_model(utils.join_prompt_response(prompts, rollout["responses"])).to(q.device)
-        old_lp, _, old_v = utils.response_logprobs(policy, q, qm, r, rm, with_values=True)
-        ref_lp, _, _ = utils.response_logprobs(reference, q, qm, r, rm)
-        rewards, _ = utils.token_rewards(old_lp, ref_lp, scores, rm, config.beta)
-        adv, ret = utils.compute_gae(rewards, old_v, rm, config.gamma, config.lam)
-        adv = utils.whiten(adv, rm)
-    for _ in range(config.ppo_epochs):
-        order = torch.randperm(len(prompts), device=q.device)
-        for start in range(0, len(prompts), config.minibatch_size):
-            rows = order[start:start + config.minibatch_size]
-            new_lp, ent, new_v = utils.response_logprobs(policy, q[rows], qm[rows], r[rows], rm[rows], with_values=True)
-            loss, _ = utils.ppo_loss(new_lp, old_lp[rows], adv[rows], new_v, old_v[rows], ret[rows], ent, rm[rows], config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
-    return int(rm.sum())
+    """One iteration of utils.train_ppo, the very functions the notebooks run: rollout batch, then updates."""
+    batch = utils.ppo_rollout(policy, reference, tokenizer, reward_model, prompts, config, config.beta)
+    utils.ppo_update(policy, optimizer, batch, config, config.beta)
+    return int(batch["response_mask"].sum())
 
 
 def measure(kind, iteration_fn, sft, tokenizer, reward_model, config, n_iterations, device):
     utils.set_seed(0)
     policy = utils.PolicyWithValueHead(copy.deepcopy(sft)).eval()
     reference = copy.deepcopy(sft).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    optimizer = utils.ppo_optimizer(policy, config)
     openings = utils.train_openings()
     rng = np.random.default_rng(0)
     times, tokens = [], []

@@ -227,6 +227,23 @@ def reward_cache(tmp_path_factory):
     return folder, reward_model, info
 
 
+def test_epoch_batches_visit_every_row_once_per_epoch():
+    batches = utils._epoch_batches(10, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0))
+    assert len(batches) == 6 and all(len(b) == 3 for b in batches)  # full batches only: 3 per epoch of 10 rows
+    for epoch in (batches[:3], batches[3:]):
+        rows = torch.cat(epoch).tolist()
+        assert len(set(rows)) == 9 and set(rows) <= set(range(10))  # no row twice within an epoch
+
+
+def test_epoch_batches_by_length_group_similar_lengths():
+    lengths = torch.tensor([5, 1, 9, 1, 5, 9, 1, 5, 9])
+    batches = utils._epoch_batches(9, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0),
+                                   lengths=lengths)
+    assert all(len(set(lengths[b].tolist())) == 1 for b in batches)  # each batch: one length
+    with pytest.raises(ValueError, match="batch_size"):
+        utils._epoch_batches(2, batch_size=3, steps=1, generator=torch.Generator())
+
+
 def test_sft_cache_trains_then_loads_identical_weights(sft_cache):
     folder, model, tokenizer, info = sft_cache
     assert info["from_cache"] is False
@@ -300,9 +317,10 @@ def test_generate_responses_shapes_and_masks(tiny_sft):
     out = utils.generate_responses(model, tokenizer, prompts, max_new_tokens=7)
     prompt_len = utils.encode_texts(tokenizer, prompts)["input_ids"].shape[1]
     assert out["query_ids"].shape == out["query_mask"].shape == (3, prompt_len)
-    assert out["response_ids"].shape == out["response_mask"].shape == (3, 7)
-    assert out["prompts"] == prompts and len(out["responses"]) == 3
     mask = out["response_mask"]
+    # as wide as the longest response: it ends with <eos> in the last column or has max_new_tokens tokens
+    assert out["response_ids"].shape == mask.shape == (3, int(mask.sum(1).max())) and mask.shape[1] <= 7
+    assert out["prompts"] == prompts and len(out["responses"]) == 3
     assert set(mask.unique().tolist()) <= {0, 1}
     assert (mask[:, 1:] <= mask[:, :-1]).all()  # ones, then zeros after the first <eos>
     assert (mask[:, 0] == 1).all()
@@ -367,7 +385,7 @@ def test_load_policy_from_a_local_folder(local_models):
     prompts = ["the plot is", "we saw it last night and"]
     torch.manual_seed(0)
     out = utils.generate_responses(model, tokenizer, prompts, max_new_tokens=5)
-    assert out["response_ids"].shape == (2, 5) and len(out["responses"]) == 2
+    assert out["response_ids"].shape[0] == 2 and out["response_ids"].shape[1] <= 5 and len(out["responses"]) == 2
 
 
 def test_load_reward_model_from_a_local_folder(local_models):

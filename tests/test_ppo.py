@@ -141,3 +141,27 @@ def test_nan_loss_stops_with_a_message(tiny_lab, tmp_path):
     with pytest.raises(FloatingPointError, match="iteration 1, epoch 0, minibatch 0"):
         utils.train_ppo(policy, sft, tokenizer, NaNReward(), config, 1, utils.train_openings(),
                         utils.HELD_OUT_OPENINGS[:1], "nan", tmp_path, eval_samples_per_prompt=1, progress=False)
+
+
+def test_ppo_rollout_shapes_and_update_early_stop(tiny_lab):
+    sft, tokenizer, reward_model = tiny_lab
+    sft = copy.deepcopy(sft).requires_grad_(True)  # other tests used the shared model as a (frozen) reference
+    torch.manual_seed(0)
+    policy = utils.PolicyWithValueHead(copy.deepcopy(sft))
+    prompts = list(utils.train_openings()[:8])
+    batch = utils.ppo_rollout(policy, copy.deepcopy(sft), tokenizer, reward_model, prompts, PPOConfig(max_new_tokens=6),
+                              beta=0.1)
+    n_new = batch["response_ids"].shape[1]
+    assert n_new <= 6 and batch["query_ids"].shape[0] == 8 and batch["scores"].shape == (8,)
+    for name in ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "kl", "advantages", "returns"):
+        assert batch[name].shape == (8, n_new), name
+    assert torch.equal(batch["old_logprobs"], batch["ref_logprobs"])  # the policy is still the reference
+    config = PPOConfig(batch_size=8, minibatch_size=4, ppo_epochs=3, early_stop_kl=None)
+    optimizer = utils.ppo_optimizer(policy, config)
+    assert len(utils.ppo_update(policy, optimizer, batch, config, beta=0.1)) == 3 * 2  # every minibatch
+    # a threshold every moved policy exceeds: the first minibatch (ratio exactly 1, approx-KL 0) updates,
+    # the second one measures a positive approx-KL and ends the iteration before its own update
+    strict = PPOConfig(batch_size=8, minibatch_size=4, ppo_epochs=3, early_stop_kl=1e-9, lr=1e-2)  # a visible step
+    fresh = utils.PolicyWithValueHead(copy.deepcopy(sft))
+    stats = utils.ppo_update(fresh, utils.ppo_optimizer(fresh, strict), batch, strict, beta=0.1)
+    assert len(stats) == 2 and stats[0]["approx_kl"] == 0.0 and stats[1]["approx_kl"] > 1e-9
