@@ -1285,7 +1285,7 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
 
 def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, entropy, mask,
              config: PPOConfig, kl_to_ref=None, beta: float = 0.0):
-    """The PPO objective as a loss to minimise (the seed's L = L_CLIP - c1 L_VF - beta L_KL + c2 H, negated).
+    """The PPO objective as a loss to minimise (the chapter's L = L_CLIP - c1 L_VF - beta L_KL + c2 H, negated).
 
     Returns the loss and a dict of diagnostics (floats).
     """
