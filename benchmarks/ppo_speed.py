@@ -80,8 +80,10 @@ def measure(kind, iteration_fn, sft, tokenizer, reward_model, config, n_iteratio
             times.append(time.perf_counter() - start)
             tokens.append(n_tokens)
     seconds = float(np.median(times))
-    print(f"{kind:>16}: {seconds:7.3f} s per iteration (median of {n_iterations}), "
-          f"{np.mean(tokens) / seconds:8.0f} sampled tokens/s")
+    # iterations differ in their sampled responses; a repeated run computes exactly the same numbers, so a
+    # difference between two runs of this script comes from the machine, not the code
+    print(f"{kind:>16}: {seconds:7.3f} s per iteration (median of {n_iterations}; fastest {min(times):.3f}, "
+          f"slowest {max(times):.3f}), {np.mean(tokens) / seconds:8.0f} sampled tokens/s")
     return seconds
 
 
