@@ -829,8 +829,8 @@ def train_reward_model(config: RewardConfig = RewardConfig(), tokenizer=None, pr
     set_seed(config.seed)
     model_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
                               n_layer=config.n_layer, n_head=config.n_head, num_labels=1,
-                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                              activation_function=LAB_ACTIVATION, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=LAB_ACTIVATION,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
     model = GPT2ForSequenceClassification(model_config).to(device)
     reward_model = LabRewardModel(model, tokenizer)
