@@ -237,15 +237,19 @@ def _new_axes(title: str, xlabel: str, ylabel: str, figsize=(7, 4)):
 
 def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: Mapping[str, float],
                          steps: Sequence[float] | None = None, title: str = "Value estimates during training",
-                         xlabel: str = "episode"):
-    """Estimated V(s) over training (solid) against the true values (dashed), one colour per state."""
+                         xlabel: str = "episode", curve_name: str = "estimate", reference_name: str = "true"):
+    """V(s) over training (solid) against reference values (dashed), one colour per state.
+
+    ``curve_name`` and ``reference_name`` name the two in the legend ("estimate" and "true" by default).
+    """
     fig, ax = _new_axes(title, xlabel, "V(s)")
     for i, state in enumerate(STATES):
         curve = np.asarray(estimates[state], dtype=float)
         x = np.arange(len(curve)) if steps is None else np.asarray(steps)
         color = f"C{i}"
-        ax.plot(x, curve, color=color, label=f"estimate V({state})")
-        ax.axhline(true_values[state], color=color, linestyle="--", label=f"true V({state}) = {true_values[state]:.2f}")
+        ax.plot(x, curve, color=color, label=f"{curve_name} V({state})")
+        ax.axhline(true_values[state], color=color, linestyle="--",
+                   label=f"{reference_name} V({state}) = {true_values[state]:.2f}")
     ax.legend(loc="best")
     fig.tight_layout()
     return fig
@@ -324,6 +328,7 @@ def check_param(name: str, value, *, low=None, high=None, low_open: bool = False
 # sentences, so ``gold_label`` can judge any text: the ground truth that the
 # learned reward model is held against.
 
+import contextlib
 import hashlib
 import json
 import os
@@ -614,24 +619,22 @@ def _load_artifact(folder: Path, kind: str, config, model_class):
     return model, tokenizer, manifest["info"]
 
 
-class _lab_threads:
+@contextlib.contextmanager
+def _lab_threads():
     """Train the lab's models on a fixed number of CPU threads (LAB_THREADS).
 
     torch splits matrix products differently for different thread counts, so the
     trained weights differ in the last bits; with a fixed count they come out the
     same whichever notebook (or 2-core machine) trains them first, and the stored
     notebook outputs stay valid."""
+    import torch
 
-    def __enter__(self):
-        import torch
-
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(LAB_THREADS)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.previous)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(LAB_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _epoch_batches(n_rows: int, batch_size: int, steps: int, generator, lengths=None):
@@ -796,7 +799,7 @@ class LabRewardModel(TextRewardModel):
         return next(self.model.parameters()).device
 
     def logits(self, texts):
-        """Differentiable scores for training: (batch,)."""
+        """Scores of one batch of texts, (batch,); ``__call__`` splits long lists and turns gradients off."""
         batch = encode_texts(self.tokenizer, texts, self.device)
         if batch["input_ids"].shape[1] > self.model.config.n_positions:
             raise ValueError(f"a text is longer than the reward model's context ({self.model.config.n_positions} tokens)")
@@ -1171,7 +1174,7 @@ class PolicyWithValueHead:
     critic's squared errors, in reward units, would otherwise flow into the
     language model and disturb the policy gradient (llm_ppo.ipynb measures it).
 
-    ``forward`` returns logits (batch, seq_len, vocab) and values (batch, seq_len):
+    Calling it returns logits (batch, seq_len, vocab) and values (batch, seq_len):
     ``values[:, i]`` estimates the return from the state "tokens 0..i seen".
     """
 
@@ -1408,13 +1411,13 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, batch: dict, config: PPOC
 
     device = batch["response_ids"].device
     n_rows = len(batch["response_ids"])
+    policy.train(config.dropout)  # eval mode (dropout off) unless the config asks for the bug
     stats_log = []
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(n_rows)
         for k, start_row in enumerate(range(0, n_rows, config.minibatch_size)):
             rows = order[start_row:start_row + config.minibatch_size].to(device)
             mb = {name: value[rows] for name, value in batch.items()}        # each (minibatch, ...)
-            policy.train(config.dropout)
             new_logprobs, entropy, new_values = response_logprobs(
                 policy, mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"], True)
             loss, stats = ppo_loss(new_logprobs, mb["old_logprobs"], mb["advantages"], new_values, mb["old_values"],
@@ -1422,8 +1425,8 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, batch: dict, config: PPOC
                                    kl_to_ref=new_logprobs - mb["ref_logprobs"], beta=beta)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"PPO loss is {loss.item()} {where}, epoch {epoch}, minibatch {k} "
-                    f"(policy loss {stats['policy_loss']}, value loss {stats['value_loss']}): "
+                    f"PPO loss is {loss.item()} ({where + ', ' if where else ''}epoch {epoch}, minibatch {k}; "
+                    f"policy loss {stats['policy_loss']}, value loss {stats['value_loss']}): "
                     f"lower lr or check the rewards")
             stats_log.append(stats)
             if config.early_stop_kl is not None and stats["approx_kl"] > config.early_stop_kl:
@@ -1481,7 +1484,7 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
             beta = kl_controller.beta
             prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=config.batch_size)]
             batch = ppo_rollout(policy, ref_lm, tokenizer, reward_model, prompts, config, beta)
-            stats_log = ppo_update(policy, optimizer, batch, config, beta, where=f"at iteration {iteration}")
+            stats_log = ppo_update(policy, optimizer, batch, config, beta, where=f"iteration {iteration}")
             if iteration == 1 and on_first_minibatch is not None:
                 on_first_minibatch(stats_log[0])  # weights not yet updated: the ratio must be exactly 1
             seconds = time.perf_counter() - start

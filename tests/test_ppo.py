@@ -121,10 +121,10 @@ def test_train_ppo_rejects_bad_input_before_training(tiny_lab, tmp_path):
     sft, tokenizer, reward_model = tiny_lab
     policy = utils.PolicyWithValueHead(copy.deepcopy(sft))
     with pytest.raises(ValueError, match="max_new_tokens"):
-        utils.train_ppo(policy, sft, tokenizer, reward_model, PPOConfig(max_new_tokens=100), 1,
+        utils.train_ppo(policy, copy.deepcopy(sft), tokenizer, reward_model, PPOConfig(max_new_tokens=100), 1,
                         utils.train_openings(), utils.HELD_OUT_OPENINGS, "x", tmp_path, progress=False)
     with pytest.raises(ValueError, match="run_name"):
-        utils.train_ppo(policy, sft, tokenizer, reward_model, PPOConfig(), 1,
+        utils.train_ppo(policy, copy.deepcopy(sft), tokenizer, reward_model, PPOConfig(), 1,
                         utils.train_openings(), utils.HELD_OUT_OPENINGS, "a/b", tmp_path, progress=False)
     assert not list(tmp_path.iterdir())
 
@@ -139,13 +139,12 @@ def test_nan_loss_stops_with_a_message(tiny_lab, tmp_path):
     policy = utils.PolicyWithValueHead(copy.deepcopy(sft))
     config = PPOConfig(batch_size=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=4, whiten_advantages=False)
     with pytest.raises(FloatingPointError, match="iteration 1, epoch 0, minibatch 0"):
-        utils.train_ppo(policy, sft, tokenizer, NaNReward(), config, 1, utils.train_openings(),
+        utils.train_ppo(policy, copy.deepcopy(sft), tokenizer, NaNReward(), config, 1, utils.train_openings(),
                         utils.HELD_OUT_OPENINGS[:1], "nan", tmp_path, eval_samples_per_prompt=1, progress=False)
 
 
 def test_ppo_rollout_shapes_and_update_early_stop(tiny_lab):
     sft, tokenizer, reward_model = tiny_lab
-    sft = copy.deepcopy(sft).requires_grad_(True)  # other tests used the shared model as a (frozen) reference
     torch.manual_seed(0)
     policy = utils.PolicyWithValueHead(copy.deepcopy(sft))
     prompts = list(utils.train_openings()[:8])
