@@ -158,6 +158,59 @@ def play_episode(env: Lottery, choose_action: Callable[[str], int], seed: int | 
     raise RuntimeError(f"episode did not end within max_steps={max_steps}")
 
 
+# --- batches of episodes (policy_learning.ipynb shows and checks these; a2c.ipynb reuses them) ---------
+
+
+def play_batch(env: Lottery, draw_prob: Mapping[str, float], n_episodes: int, rng: random.Random) -> list:
+    """Play ``n_episodes`` with the fixed policy P(draw | s) = ``draw_prob[s]``; ``rng`` draws the actions."""
+    uniform = rng.random
+
+    def choose_action(state):
+        return DRAW if uniform() < draw_prob[state] else STOP
+
+    return [play_episode(env, choose_action) for _ in range(n_episodes)]
+
+
+def to_padded_batch(episodes) -> dict:
+    """Stack episodes of different lengths into tensors of shape (n_episodes, T_max).
+
+    ``states``, ``actions``, ``rewards``; ``mask`` = 1 on real steps and 0 on padding;
+    for actor-critic methods also ``next_states`` (the state after each step; for the
+    last step, the state the episode ended in) and ``done`` (1 on each episode's last step).
+    """
+    import torch
+
+    n, t_max = len(episodes), max(len(e) for e in episodes)
+    arrays = {name: np.zeros((n, t_max), dtype=np.int64) for name in ("states", "next_states", "actions")}
+    arrays.update({name: np.zeros((n, t_max), dtype=np.float32) for name in ("rewards", "mask", "done")})
+    for i, episode in enumerate(episodes):  # one slice per episode, never one Python step per time step
+        length = len(episode)
+        state_ids = [STATE_INDEX[s] for s in episode.states]
+        arrays["states"][i, :length] = state_ids
+        arrays["next_states"][i, :length - 1] = state_ids[1:]
+        arrays["next_states"][i, length - 1] = STATE_INDEX[episode.final_state]
+        arrays["actions"][i, :length] = episode.actions
+        arrays["rewards"][i, :length] = episode.rewards
+        arrays["mask"][i, :length] = 1.0
+        arrays["done"][i, length - 1] = 1.0
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+def reward_to_go(rewards, gamma: float):
+    """Discounted reward-to-go of a padded batch: rewards (N, T), zero after each episode's end -> G (N, T).
+
+    G[:, t] = sum_{k >= t} gamma^(k - t) r[:, k], computed as G = R Γᵀ with the
+    upper-triangular discount matrix Γ[t, k] = gamma^(k - t) for k >= t.
+    """
+    import torch
+
+    steps = torch.arange(rewards.shape[-1])
+    lag = steps[None, :] - steps[:, None]                                # (T, T): lag[t, k] = k - t
+    discount = torch.where(lag >= 0, gamma ** lag.clamp(min=0).to(rewards.dtype),
+                           torch.zeros((), dtype=rewards.dtype))         # (T, T): Γ, upper triangular
+    return rewards @ discount.T                                          # (N, T)
+
+
 def _as_draw_probabilities(policy) -> np.ndarray:
     """Accept {'w': p, 'l': p}, a length-2 sequence, or a (2, 2) table of P(a|s)."""
     if isinstance(policy, Mapping):

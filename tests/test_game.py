@@ -252,3 +252,29 @@ def test_check_param_names_the_parameter():
         utils.check_param("episodes", 2.5, low=1, integer=True)
     with pytest.raises(ValueError, match="beta must be a finite number"):
         utils.check_param("beta", float("nan"), low=0)
+
+
+def test_reward_to_go_matches_its_definition():
+    import torch
+
+    rewards = torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, 1.0, 0.0, 0.0]])  # second episode padded after 2 steps
+    gamma = 0.9
+    expected = [[sum(gamma ** (k - t) * float(row[k]) for k in range(t, 4)) for t in range(4)] for row in rewards]
+    assert torch.allclose(utils.reward_to_go(rewards, gamma), torch.tensor(expected))
+
+
+def test_padded_batch_of_played_episodes():
+    import random
+
+    env = utils.Lottery(end_prob=0.3)
+    env.reset(seed=0)
+    episodes = utils.play_batch(env, {"w": 1.0, "l": 1.0}, 5, random.Random(0))  # always draw
+    batch = utils.to_padded_batch(episodes)
+    lengths = [len(e) for e in episodes]
+    assert all(t.shape == (5, max(lengths)) for t in batch.values())
+    assert batch["mask"].sum(1).tolist() == lengths and batch["done"].sum().item() == 5
+    for i, episode in enumerate(episodes):
+        last = lengths[i] - 1
+        assert batch["done"][i, last] == 1 and batch["actions"][i, :lengths[i]].tolist() == episode.actions
+        assert batch["next_states"][i, last] == utils.STATE_INDEX[episode.final_state]
+        assert batch["next_states"][i, :last].tolist() == batch["states"][i, 1:lengths[i]].tolist()
