@@ -288,6 +288,17 @@ def _new_axes(title: str, xlabel: str, ylabel: str, figsize=(7, 4)):
     return fig, ax
 
 
+def _plot_per_state(ax, curves: Mapping[str, Sequence[float]], references: Mapping[str, float],
+                    steps: Sequence[float] | None, curve_label, reference_label):
+    """For each state, its curve (solid) and its reference value (dashed) in one colour; labels are functions of
+    the state."""
+    for i, state in enumerate(STATES):
+        curve = np.asarray(curves[state], dtype=float)
+        x = np.arange(len(curve)) if steps is None else np.asarray(steps)
+        ax.plot(x, curve, color=f"C{i}", label=curve_label(state))
+        ax.axhline(references[state], color=f"C{i}", linestyle="--", label=reference_label(state))
+
+
 def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: Mapping[str, float],
                          steps: Sequence[float] | None = None, title: str = "Value estimates during training",
                          xlabel: str = "episode", curve_name: str = "estimate", reference_name: str = "true"):
@@ -296,13 +307,8 @@ def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: 
     ``curve_name`` and ``reference_name`` name the two in the legend ("estimate" and "true" by default).
     """
     fig, ax = _new_axes(title, xlabel, "V(s)")
-    for i, state in enumerate(STATES):
-        curve = np.asarray(estimates[state], dtype=float)
-        x = np.arange(len(curve)) if steps is None else np.asarray(steps)
-        color = f"C{i}"
-        ax.plot(x, curve, color=color, label=f"{curve_name} V({state})")
-        ax.axhline(true_values[state], color=color, linestyle="--",
-                   label=f"{reference_name} V({state}) = {true_values[state]:.2f}")
+    _plot_per_state(ax, estimates, true_values, steps, curve_label=lambda state: f"{curve_name} V({state})",
+                    reference_label=lambda state: f"{reference_name} V({state}) = {true_values[state]:.2f}")
     ax.legend(loc="best")
     fig.tight_layout()
     return fig
@@ -313,12 +319,8 @@ def plot_action_probabilities(draw_probabilities: Mapping[str, Sequence[float]],
                               title: str = "P(draw | state) during training", xlabel: str = "episode"):
     """P(draw | s) over training (solid) against the optimal policy (dashed)."""
     fig, ax = _new_axes(title, xlabel, "P(draw | s)")
-    for i, state in enumerate(STATES):
-        curve = np.asarray(draw_probabilities[state], dtype=float)
-        x = np.arange(len(curve)) if steps is None else np.asarray(steps)
-        color = f"C{i}"
-        ax.plot(x, curve, color=color, label=f"P(draw | {state})")
-        ax.axhline(optimal[state], color=color, linestyle="--", label=f"optimal P(draw | {state}) = {optimal[state]:.0f}")
+    _plot_per_state(ax, draw_probabilities, optimal, steps, curve_label=lambda state: f"P(draw | {state})",
+                    reference_label=lambda state: f"optimal P(draw | {state}) = {optimal[state]:.0f}")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(loc="best")
     fig.tight_layout()
