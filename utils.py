@@ -1403,8 +1403,9 @@ def evaluate_policy(lm, tokenizer, reward_model, prompts, samples_per_prompt: in
                     seed: int, dropout: bool = False):
     """Mean reward-model score and gold share of positive reviews on sampled responses to ``prompts``.
 
-    Uses its own random stream (``fork_rng``), so evaluating does not change
-    the training run's samples.
+    Returns them with the texts, their gold labels and the ``generate_responses`` dict (token ids and
+    masks, for callers that measure more on the same samples). Uses its own random stream
+    (``fork_rng``), so evaluating does not change the training run's samples.
     """
     import torch
 
@@ -1419,7 +1420,7 @@ def evaluate_policy(lm, tokenizer, reward_model, prompts, samples_per_prompt: in
     scores = reward_model(texts)
     labels = gold_labels(texts)
     return {"score": scores.mean().item(), "p_positive": labels.count("positive") / len(labels),
-            "texts": texts, "labels": labels}
+            "texts": texts, "labels": labels, "rollout": rollout}
 
 
 def ppo_rollout(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, prompts, config: PPOConfig,
