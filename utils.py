@@ -329,10 +329,12 @@ def plot_action_probabilities(draw_probabilities: Mapping[str, Sequence[float]],
 
 def plot_runs_band(runs: Mapping[str, np.ndarray], steps: Sequence[float] | None = None,
                    title: str = "Mean over seeds ± one standard deviation", xlabel: str = "episode",
-                   ylabel: str = "value", reference: float | None = None, reference_label: str = "target"):
+                   ylabel: str = "value", reference: float | None = None, reference_label: str = "target",
+                   legend_below: bool = False):
     """Several seeds per method: the mean as a line and mean ± std as a band.
 
-    ``runs[label]`` has shape (n_seeds, n_points).
+    ``runs[label]`` has shape (n_seeds, n_points). ``legend_below`` puts the legend under the axes, for
+    bands so wide that no corner of the plot is free.
     """
     fig, ax = _new_axes(title, xlabel, ylabel)
     for i, (label, curves) in enumerate(runs.items()):
@@ -345,7 +347,10 @@ def plot_runs_band(runs: Mapping[str, np.ndarray], steps: Sequence[float] | None
         ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2)
     if reference is not None:
         ax.axhline(reference, color="black", linestyle="--", label=reference_label)
-    ax.legend(loc="best")
+    if legend_below:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    else:
+        ax.legend(loc="best")
     fig.tight_layout()
     return fig
 
