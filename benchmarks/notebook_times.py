@@ -98,9 +98,9 @@ def main():
                 shutil.copy(ROOT / name, workdir / name)
             return workdir
 
-        if not args.cold and not (ROOT / "artifacts").is_dir():
-            print("training the lab first (untimed run) ...", flush=True)
-            run_kernel_and_cells(args.notebooks[0], ROOT)
+        if not args.cold and set(args.notebooks) & set(LLM_NOTEBOOKS) and not (ROOT / "artifacts").is_dir():
+            print("training the lab first (untimed run of intuition_model.ipynb) ...", flush=True)
+            run_kernel_and_cells("intuition_model.ipynb", ROOT)
         for notebook in args.notebooks:
             kernel_runs = [run_kernel_and_cells(notebook, workdir_for_run()) for _ in range(args.repeats)]
             cli_walls = [run_nbconvert(notebook, workdir_for_run(), scratch) for _ in range(args.repeats)]
