@@ -239,6 +239,16 @@ def test_plot_runs_band():
         utils.plot_runs_band({"A": np.zeros(3)})
 
 
+def test_plot_runs_band_legend_below_leaves_the_axes_free():
+    rng = np.random.default_rng(0)
+    fig = utils.plot_runs_band({"A": rng.normal(size=(5, 30))}, reference=0.0, legend_below=True)
+    fig.canvas.draw()
+    legend_box = fig.axes[0].get_legend().get_window_extent()
+    axes_box = fig.axes[0].get_window_extent()
+    assert legend_box.y1 < axes_box.y0  # entirely under the plotting area
+    assert legend_box.y0 >= 0  # and still inside the figure
+
+
 # ---------------------------------------------------------------- hyperparameter checks ---
 
 def test_check_param_names_the_parameter():

@@ -117,6 +117,21 @@ def test_train_ppo_writes_the_metric_columns_and_first_ratio_is_one(tiny_lab, tm
     assert abs(run["kl"][0]) < 1e-5  # the policy starts as a copy of the reference
 
 
+def test_evaluate_policy_returns_the_rollout_of_its_texts_and_keeps_the_random_stream(tiny_lab):
+    sft, tokenizer, reward_model = tiny_lab
+    torch.manual_seed(123)
+    state_before = torch.random.get_rng_state()
+    result = utils.evaluate_policy(sft, tokenizer, reward_model, utils.HELD_OUT_OPENINGS[:2], samples_per_prompt=3,
+                                   max_new_tokens=6, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state_before)  # its own stream: training samples unchanged
+    rollout = result["rollout"]
+    assert rollout["response_ids"].shape[0] == len(result["texts"]) == 6
+    assert result["texts"] == utils.join_prompt_response(rollout["prompts"], rollout["responses"])
+    again = utils.evaluate_policy(sft, tokenizer, reward_model, utils.HELD_OUT_OPENINGS[:2], samples_per_prompt=3,
+                                  max_new_tokens=6, seed=7)
+    assert again["texts"] == result["texts"] and again["score"] == result["score"]
+
+
 def test_train_ppo_rejects_bad_input_before_training(tiny_lab, tmp_path):
     sft, tokenizer, reward_model = tiny_lab
     policy = utils.PolicyWithValueHead(copy.deepcopy(sft))
