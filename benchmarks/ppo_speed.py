@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import llm_lab as lab  # noqa: E402
+import rlhf  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -24,14 +26,14 @@ def one_at_a_time_iteration(policy, reference, tokenizer, reward_model, config, 
     """The same PPO iteration, with every model call on a single sample."""
     samples = []
     for prompt in prompts:
-        rollout = utils.generate_responses(policy.lm, tokenizer, [prompt], config.max_new_tokens)
+        rollout = lab.generate_responses(policy.lm, tokenizer, [prompt], config.max_new_tokens)
         q, qm, r, rm = rollout["query_ids"], rollout["query_mask"], rollout["response_ids"], rollout["response_mask"]
         with torch.no_grad():
-            score = reward_model(utils.join_prompt_response([prompt], rollout["responses"]))
-            old_lp, _, old_v = utils.response_logprobs(policy, q, qm, r, rm, with_values=True)
-            ref_lp, _, _ = utils.response_logprobs(reference, q, qm, r, rm)
-            rewards, _ = utils.token_rewards(old_lp, ref_lp, score.to(old_lp.device), rm, config.beta)
-            adv, ret = utils.compute_gae(rewards, old_v, rm, config.gamma, config.lam)
+            score = reward_model(lab.join_prompt_response([prompt], rollout["responses"]))
+            old_lp, _, old_v = rlhf.response_logprobs(policy, q, qm, r, rm, with_values=True)
+            ref_lp, _, _ = rlhf.response_logprobs(reference, q, qm, r, rm)
+            rewards, _ = rlhf.token_rewards(old_lp, ref_lp, score.to(old_lp.device), rm, config.beta)
+            adv, ret = rlhf.compute_gae(rewards, old_v, rm, config.gamma, config.lam)
         samples.append((q, qm, r, rm, old_lp, old_v, adv, ret))
     # whiten over the batch, as the batched version does
     flat = torch.cat([s[6][s[3].bool()] for s in samples])
@@ -45,8 +47,8 @@ def one_at_a_time_iteration(policy, reference, tokenizer, reward_model, config, 
             chunk = order[start:start + config.minibatch_size]
             for i in chunk:  # gradient accumulation, one sample at a time
                 q, qm, r, rm, old_lp, old_v, adv, ret = samples[i]
-                new_lp, ent, new_v = utils.response_logprobs(policy, q, qm, r, rm, with_values=True)
-                loss, _ = utils.ppo_loss(new_lp, old_lp, adv, new_v, old_v, ret, ent, rm, config)
+                new_lp, ent, new_v = rlhf.response_logprobs(policy, q, qm, r, rm, with_values=True)
+                loss, _ = rlhf.ppo_loss(new_lp, old_lp, adv, new_v, old_v, ret, ent, rm, config)
                 (loss / len(chunk)).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -54,18 +56,18 @@ def one_at_a_time_iteration(policy, reference, tokenizer, reward_model, config, 
 
 
 def batched_iteration(policy, reference, tokenizer, reward_model, config, optimizer, prompts):
-    """One iteration of utils.train_ppo, the very functions the notebooks run: rollout batch, then updates."""
-    batch = utils.ppo_rollout(policy, reference, tokenizer, reward_model, prompts, config, config.beta)
-    utils.ppo_update(policy, optimizer, batch, config, config.beta)
+    """One iteration of rlhf.train_ppo, the very functions the notebooks run: rollout batch, then updates."""
+    batch = rlhf.ppo_rollout(policy, reference, tokenizer, reward_model, prompts, config, config.beta)
+    rlhf.ppo_update(policy, optimizer, batch, config, config.beta)
     return int(batch["response_mask"].sum())
 
 
 def measure(kind, iteration_fn, sft, tokenizer, reward_model, config, n_iterations, device):
     utils.set_seed(0)
-    policy = utils.PolicyWithValueHead(copy.deepcopy(sft)).eval()
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft)).eval()
     reference = copy.deepcopy(sft).eval().requires_grad_(False)
-    optimizer = utils.ppo_optimizer(policy, config)
-    openings = utils.train_openings()
+    optimizer = rlhf.ppo_optimizer(policy, config)
+    openings = lab.train_openings()
     rng = np.random.default_rng(0)
     times, tokens = [], []
     for i in range(n_iterations + 1):  # the first iteration warms up (allocations, lazy imports)
@@ -96,9 +98,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else utils.get_device()
-    sft, tokenizer, _ = utils.load_sft_model(progress=False, device=device)
-    reward_model = utils.load_reward_model("lab", device=device, progress=False)
-    config = utils.PPOConfig(batch_size=64, max_new_tokens=20, ppo_epochs=4, minibatch_size=16, early_stop_kl=None)
+    sft, tokenizer, _ = lab.load_sft_model(progress=False, device=device)
+    reward_model = lab.load_reward_model("lab", device=device, progress=False)
+    config = rlhf.PPOConfig(batch_size=64, max_new_tokens=20, ppo_epochs=4, minibatch_size=16, early_stop_kl=None)
     print(f"device {device.type}, torch threads {torch.get_num_threads()}, "
           f"{config.batch_size} prompts x {config.max_new_tokens} new tokens, "
           f"{config.ppo_epochs} epochs x {config.batch_size // config.minibatch_size} minibatches")

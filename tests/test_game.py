@@ -1,4 +1,4 @@
-"""The toy game, its exact Bellman solution and the plot helpers."""
+"""utils.py: the toy game, its exact Bellman solution, the plot helpers and the notebook helpers."""
 import matplotlib
 
 matplotlib.use("Agg")  # no display in tests
@@ -288,3 +288,27 @@ def test_padded_batch_of_played_episodes():
         assert batch["done"][i, last] == 1 and batch["actions"][i, :lengths[i]].tolist() == episode.actions
         assert batch["next_states"][i, last] == utils.STATE_INDEX[episode.final_state]
         assert batch["next_states"][i, :last].tolist() == batch["states"][i, 1:lengths[i]].tolist()
+
+
+def test_utils_imports_neither_the_lab_nor_rlhf():
+    """Imports point one way, rlhf -> llm_lab -> utils: the toy notebooks never load the LLM code."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(utils.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"llm_lab", "rlhf", "transformers"}
+
+
+def test_show_source_displays_the_plain_source_as_a_python_code_block(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
+    utils.show_source(utils.reward_to_go, utils.check_param)
+    (markdown,) = shown
+    import inspect
+
+    expected = inspect.getsource(utils.reward_to_go).rstrip() + "\n\n" + inspect.getsource(utils.check_param).rstrip()
+    assert markdown.data == f"```python\n{expected}\n```"

@@ -1,4 +1,4 @@
-"""The small-LLM lab: corpus, gold labeller, tokenizer, preference pairs, cache, sampling, hub path.
+"""llm_lab.py, the small-LLM lab: corpus, gold labeller, tokenizer, preference pairs, cache, sampling, hub path.
 
 Every model here is tiny (a few steps, 32-wide) and cached in pytest's tmp_path,
 so the whole file runs in well under a minute on a laptop CPU and never touches
@@ -10,11 +10,12 @@ import shutil
 import pytest
 import torch
 
+import llm_lab as lab
 import utils
 
-TINY_SFT = utils.SFTConfig(steps=5, n_sentences=200, n_embd=32)
-TINY_REWARD = utils.RewardConfig(steps=5, n_pairs=100, n_embd=32)
-DEGENERATE_KINDS = utils.DEGENERATE_KINDS  # rejected answers of the hardened pairs other than "negative"
+TINY_SFT = lab.SFTConfig(steps=5, n_sentences=200, n_embd=32)
+TINY_REWARD = lab.RewardConfig(steps=5, n_pairs=100, n_embd=32)
+DEGENERATE_KINDS = lab.DEGENERATE_KINDS  # rejected answers of the hardened pairs other than "negative"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,7 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return utils.lab_tokenizer()
+    return lab.lab_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -45,35 +46,35 @@ def state_dicts_equal(a, b) -> bool:
 # ------------------------------------------------------------------ corpus ---
 
 def test_corpus_is_seeded():
-    assert utils.make_corpus(300, seed=3) == utils.make_corpus(300, seed=3)
-    assert utils.make_corpus(300, seed=3) != utils.make_corpus(300, seed=4)
+    assert lab.make_corpus(300, seed=3) == lab.make_corpus(300, seed=3)
+    assert lab.make_corpus(300, seed=3) != lab.make_corpus(300, seed=4)
 
 
 @pytest.mark.parametrize("n", [2, 301, 1000])
 def test_corpus_is_half_positive_half_negative(n):
-    counts = collections.Counter(row["label"] for row in utils.make_corpus(n, seed=1))
+    counts = collections.Counter(row["label"] for row in lab.make_corpus(n, seed=1))
     assert set(counts) == {"positive", "negative"}
     assert counts["positive"] == (n + 1) // 2 and counts["negative"] == n // 2
 
 
 def test_corpus_never_uses_held_out_openings():
-    prompts = {row["prompt"] for row in utils.make_corpus(3000, seed=0)}
-    assert not prompts & set(utils.HELD_OUT_OPENINGS)
-    assert prompts <= set(utils.train_openings())
-    assert not set(utils.train_openings()) & set(utils.HELD_OUT_OPENINGS)
+    prompts = {row["prompt"] for row in lab.make_corpus(3000, seed=0)}
+    assert not prompts & set(lab.HELD_OUT_OPENINGS)
+    assert prompts <= set(lab.train_openings())
+    assert not set(lab.train_openings()) & set(lab.HELD_OUT_OPENINGS)
 
 
 def test_every_corpus_sentence_has_its_gold_label():
-    corpus = utils.make_corpus(2000, seed=5)
+    corpus = lab.make_corpus(2000, seed=5)
     for row in corpus:
         assert row["text"] == f"{row['prompt']} {row['response']}"
-        assert utils.gold_label(row["text"]) == row["label"], row["text"]
-    assert utils.gold_labels([r["text"] for r in corpus]) == [r["label"] for r in corpus]
+        assert lab.gold_label(row["text"]) == row["label"], row["text"]
+    assert lab.gold_labels([r["text"] for r in corpus]) == [r["label"] for r in corpus]
 
 
 def test_make_corpus_rejects_a_tiny_size():
     with pytest.raises(ValueError, match="n_sentences"):
-        utils.make_corpus(1)
+        lab.make_corpus(1)
 
 
 # ------------------------------------------------------------ gold labeller ---
@@ -95,14 +96,14 @@ def test_make_corpus_rejects_a_tiny_size():
     ("", "malformed"),
 ])
 def test_gold_label_on_crafted_texts(text, label):
-    assert utils.gold_label(text) == label
+    assert lab.gold_label(text) == label
 
 
 # ---------------------------------------------------------------- tokenizer ---
 
 def test_tokenizer_round_trip_on_corpus_texts(tokenizer):
-    texts = [row["text"] for row in utils.make_corpus(500, seed=7)]
-    texts += [f"{o} it was great ." for o in utils.HELD_OUT_OPENINGS]
+    texts = [row["text"] for row in lab.make_corpus(500, seed=7)]
+    texts += [f"{o} it was great ." for o in lab.HELD_OUT_OPENINGS]
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id
@@ -112,101 +113,101 @@ def test_tokenizer_round_trip_on_corpus_texts(tokenizer):
 
 
 def test_tokenizer_special_tokens_and_vocabulary(tokenizer):
-    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == [utils.PAD, utils.BOS, utils.EOS, utils.UNK]
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == [lab.PAD, lab.BOS, lab.EOS, lab.UNK]
     assert tokenizer.pad_token_id == 0 and tokenizer.padding_side == "left"
-    assert set(utils.lab_vocabulary()) <= set(tokenizer.get_vocab())
+    assert set(lab.lab_vocabulary()) <= set(tokenizer.get_vocab())
     assert tokenizer("zebra")["input_ids"] == [tokenizer.bos_token_id, tokenizer.unk_token_id]
-    assert utils.lab_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
+    assert lab.lab_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
 
 
 def test_encode_texts_pads_on_the_left_with_positions(tokenizer):
     texts = ["the movie was great .", "the plot is"]
-    batch = utils.encode_texts(tokenizer, texts)
+    batch = lab.encode_texts(tokenizer, texts)
     ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     assert ids.shape == mask.shape == positions.shape == (2, 6)
     assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
     assert ids[1, :2].tolist() == [tokenizer.pad_token_id] * 2
     assert ids[1, 2].item() == tokenizer.bos_token_id
     assert positions.tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]]
-    with_eos = utils.encode_texts(tokenizer, texts, add_eos=True)
+    with_eos = lab.encode_texts(tokenizer, texts, add_eos=True)
     assert with_eos["input_ids"].shape == (2, 7)
     assert with_eos["input_ids"][:, -1].tolist() == [tokenizer.eos_token_id] * 2
     assert with_eos["position_ids"][:, -1].tolist() == [6, 4]
     with pytest.raises(ValueError, match="empty"):
-        utils.encode_texts(tokenizer, [])
+        lab.encode_texts(tokenizer, [])
 
 
 # ------------------------------------------------------- preference pairs ---
 
 def test_naive_preference_pairs_reject_negative_reviews_only():
-    pairs = utils.preference_pairs(300, seed=0, hardened=False)
+    pairs = lab.preference_pairs(300, seed=0, hardened=False)
     assert len(pairs) == 300 and {kind for _, _, kind in pairs} == {"negative"}
     for chosen, rejected, _ in pairs:
-        assert utils.gold_label(chosen) == "positive"
-        assert utils.gold_label(rejected) == "negative"
+        assert lab.gold_label(chosen) == "positive"
+        assert lab.gold_label(rejected) == "negative"
 
 
 def test_hardened_preference_pairs():
-    pairs = utils.preference_pairs(600, seed=0, hardened=True)
+    pairs = lab.preference_pairs(600, seed=0, hardened=True)
     kinds = collections.Counter(kind for _, _, kind in pairs)
     assert set(kinds) == {"negative", *DEGENERATE_KINDS}
     assert all(kinds[k] >= 20 for k in DEGENERATE_KINDS)
-    assert all(utils.gold_label(chosen) == "positive" for chosen, _, _ in pairs)
-    assert pairs == utils.preference_pairs(600, seed=0, hardened=True)  # seeded
-    openings = sorted(utils.all_openings(), key=len, reverse=True)
+    assert all(lab.gold_label(chosen) == "positive" for chosen, _, _ in pairs)
+    assert pairs == lab.preference_pairs(600, seed=0, hardened=True)  # seeded
+    openings = sorted(lab.all_openings(), key=len, reverse=True)
     for chosen, rejected, kind in pairs:  # the two answers continue the same (training) opening
         opening = next(o for o in openings if chosen.startswith(o + " "))
-        assert opening in utils.train_openings()
+        assert opening in lab.train_openings()
         if kind == "corrupted":  # one or two words swapped, wherever they are
             assert len(rejected.split()) == len(chosen.split())
             assert 1 <= sum(a != b for a, b in zip(chosen.split(), rejected.split())) <= 2
         else:
             assert rejected == opening or rejected.startswith(opening + " ")
         if kind == "negative":
-            assert utils.gold_label(rejected) == "negative"
+            assert lab.gold_label(rejected) == "negative"
 
 
 def rejected_but_positive(pairs):
     """Degenerate 'rejected' answers that are in fact valid positive reviews (they teach the wrong order)."""
     return [(chosen, rejected, kind) for chosen, rejected, kind in pairs
-            if kind != "negative" and utils.gold_label(rejected) == "positive"]
+            if kind != "negative" and lab.gold_label(rejected) == "positive"]
 
 
 def test_degenerate_answers_are_not_valid_positive_reviews():
     # A random word salad can by chance be a grammatical review (about 1 in 2000): tolerated in training.
-    training = utils.preference_pairs(4000, seed=0, hardened=True)
+    training = lab.preference_pairs(4000, seed=0, hardened=True)
     degenerate = [p for p in training if p[2] != "negative"]
     assert len(rejected_but_positive(training)) <= 0.005 * len(degenerate), rejected_but_positive(training)[:5]
 
 
 def test_held_out_pairs_use_held_out_openings_and_every_kind():
-    pairs = utils.held_out_preference_pairs(seed=0)
+    pairs = lab.held_out_preference_pairs(seed=0)
     assert {kind for _, _, kind in pairs} == {"negative", *DEGENERATE_KINDS}
     for chosen, rejected, kind in pairs:
-        assert any(chosen.startswith(o + " ") for o in utils.HELD_OUT_OPENINGS)
-        assert utils.gold_label(chosen) == "positive"
+        assert any(chosen.startswith(o + " ") for o in lab.HELD_OUT_OPENINGS)
+        assert lab.gold_label(chosen) == "positive"
         if kind == "negative":
-            assert utils.gold_label(rejected) == "negative"
+            assert lab.gold_label(rejected) == "negative"
     assert rejected_but_positive(pairs) == []  # otherwise the accuracy measured on them means little
 
 
-class GoldReward(utils.TextRewardModel):
+class GoldReward(lab.TextRewardModel):
     """A perfect judge built from the gold labeller (or its opposite), to test pairwise_accuracy."""
 
     def __init__(self, sign=1.0):
         self.sign = sign
 
     def __call__(self, texts):
-        return torch.tensor([self.sign * (utils.gold_label(t) == "positive") for t in texts], dtype=torch.float)
+        return torch.tensor([self.sign * (lab.gold_label(t) == "positive") for t in texts], dtype=torch.float)
 
 
 def test_pairwise_accuracy_per_kind():
-    pairs = utils.held_out_preference_pairs(seed=0, n_pairs=200)
-    pairs = [p for p in pairs if utils.gold_label(p[1]) != "positive"]  # pairs the gold labeller can order
-    perfect = utils.pairwise_accuracy(GoldReward(1.0), pairs)
+    pairs = lab.held_out_preference_pairs(seed=0, n_pairs=200)
+    pairs = [p for p in pairs if lab.gold_label(p[1]) != "positive"]  # pairs the gold labeller can order
+    perfect = lab.pairwise_accuracy(GoldReward(1.0), pairs)
     assert set(perfect) == {"all", "negative", *DEGENERATE_KINDS}
     assert all(v == 1.0 for v in perfect.values())
-    assert all(v == 0.0 for v in utils.pairwise_accuracy(GoldReward(-1.0), pairs).values())
+    assert all(v == 0.0 for v in lab.pairwise_accuracy(GoldReward(-1.0), pairs).values())
 
 
 # -------------------------------------------------------------------- cache ---
@@ -215,7 +216,7 @@ def test_pairwise_accuracy_per_kind():
 def sft_cache(tmp_path_factory):
     """A cache folder in which the tiny SFT model was just trained: (folder, model, tokenizer, info)."""
     folder = tmp_path_factory.mktemp("sft_cache")
-    model, tokenizer, info = utils.load_sft_model(TINY_SFT, cache_dir=folder, progress=False)
+    model, tokenizer, info = lab.load_sft_model(TINY_SFT, cache_dir=folder, progress=False)
     return folder, model, tokenizer, info
 
 
@@ -223,12 +224,12 @@ def sft_cache(tmp_path_factory):
 def reward_cache(tmp_path_factory):
     """A cache folder in which the tiny (hardened) reward model was just trained: (folder, model, info)."""
     folder = tmp_path_factory.mktemp("reward_cache")
-    reward_model, info = utils.load_lab_reward_model(TINY_REWARD, cache_dir=folder, progress=False)
+    reward_model, info = lab.load_lab_reward_model(TINY_REWARD, cache_dir=folder, progress=False)
     return folder, reward_model, info
 
 
 def test_epoch_batches_visit_every_row_once_per_epoch():
-    batches = utils._epoch_batches(10, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0))
+    batches = lab._epoch_batches(10, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0))
     assert len(batches) == 6 and all(len(b) == 3 for b in batches)  # full batches only: 3 per epoch of 10 rows
     for epoch in (batches[:3], batches[3:]):
         rows = torch.cat(epoch).tolist()
@@ -237,11 +238,11 @@ def test_epoch_batches_visit_every_row_once_per_epoch():
 
 def test_epoch_batches_by_length_group_similar_lengths():
     lengths = torch.tensor([5, 1, 9, 1, 5, 9, 1, 5, 9])
-    batches = utils._epoch_batches(9, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0),
+    batches = lab._epoch_batches(9, batch_size=3, steps=6, generator=torch.Generator().manual_seed(0),
                                    lengths=lengths)
     assert all(len(set(lengths[b].tolist())) == 1 for b in batches)  # each batch: one length
     with pytest.raises(ValueError, match="batch_size"):
-        utils._epoch_batches(2, batch_size=3, steps=1, generator=torch.Generator())
+        lab._epoch_batches(2, batch_size=3, steps=1, generator=torch.Generator())
 
 
 def test_sft_cache_trains_then_loads_identical_weights(sft_cache):
@@ -249,7 +250,7 @@ def test_sft_cache_trains_then_loads_identical_weights(sft_cache):
     assert info["from_cache"] is False
     assert len(info["losses"]) == TINY_SFT.steps and info["held_out_loss"] > 0
     assert info["parameters"] == utils.count_parameters(model)
-    again, tokenizer2, info2 = utils.load_sft_model(TINY_SFT, cache_dir=folder, progress=False)
+    again, tokenizer2, info2 = lab.load_sft_model(TINY_SFT, cache_dir=folder, progress=False)
     assert info2["from_cache"] is True
     assert state_dicts_equal(model, again)
     assert info2["losses"] == info["losses"] and info2["held_out_loss"] == info["held_out_loss"]
@@ -260,13 +261,13 @@ def test_sft_cache_trains_then_loads_identical_weights(sft_cache):
 def test_changed_config_is_a_different_cache_entry(sft_cache, tmp_path):
     folder, model, _, _ = sft_cache
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    other = utils.SFTConfig(steps=2, n_sentences=200, n_embd=32)
-    other_model, _, info = utils.load_sft_model(other, cache_dir=tmp_path, progress=False)
+    other = lab.SFTConfig(steps=2, n_sentences=200, n_embd=32)
+    other_model, _, info = lab.load_sft_model(other, cache_dir=tmp_path, progress=False)
     assert info["from_cache"] is False and len(info["losses"]) == 2
     assert not state_dicts_equal(model, other_model)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
-    assert utils.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
-    assert utils.load_sft_model(other, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
+    assert lab.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
+    assert lab.load_sft_model(other, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
 
 
 def test_damaged_safetensors_is_detected_and_retrained(sft_cache, tmp_path, capsys):
@@ -279,18 +280,18 @@ def test_damaged_safetensors_is_detected_and_retrained(sft_cache, tmp_path, caps
         raw[i] ^= 0xFF
     weights.write_bytes(bytes(raw))
     capsys.readouterr()
-    retrained, _, info = utils.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)
+    retrained, _, info = lab.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)
     assert info["from_cache"] is False
     assert "damaged" in capsys.readouterr().out
     assert state_dicts_equal(model, retrained)  # same seed, same weights: the damaged bytes were not used
-    assert utils.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
+    assert lab.load_sft_model(TINY_SFT, cache_dir=tmp_path, progress=False)[2]["from_cache"] is True
 
 
 def test_reward_model_cache_and_interface(reward_cache, tmp_path):
     folder, reward_model, info = reward_cache
     assert info["from_cache"] is False and len(info["losses"]) == TINY_REWARD.steps
     assert set(info["held_out_accuracy"]) == {"all", "negative", *DEGENERATE_KINDS}
-    again, info2 = utils.load_lab_reward_model(TINY_REWARD, cache_dir=folder, progress=False)
+    again, info2 = lab.load_lab_reward_model(TINY_REWARD, cache_dir=folder, progress=False)
     assert info2["from_cache"] is True
     assert state_dicts_equal(reward_model.model, again.model)
     assert info2["held_out_accuracy"] == info["held_out_accuracy"]
@@ -303,9 +304,9 @@ def test_reward_model_cache_and_interface(reward_cache, tmp_path):
 
 
 def test_hardened_is_part_of_the_reward_cache_key():
-    naive, hardened = utils.RewardConfig(hardened=False), utils.RewardConfig(hardened=True)
-    assert utils._config_key("reward", naive) != utils._config_key("reward", hardened)
-    assert utils._config_key("reward", hardened) == utils._config_key("reward", utils.RewardConfig())
+    naive, hardened = lab.RewardConfig(hardened=False), lab.RewardConfig(hardened=True)
+    assert lab._config_key("reward", naive) != lab._config_key("reward", hardened)
+    assert lab._config_key("reward", hardened) == lab._config_key("reward", lab.RewardConfig())
 
 
 # ----------------------------------------------------------------- sampling ---
@@ -314,8 +315,8 @@ def test_generate_responses_shapes_and_masks(tiny_sft):
     model, tokenizer, _ = tiny_sft
     prompts = ["the plot is", "i watched this film with my kids and", "the cast was"]
     torch.manual_seed(0)
-    out = utils.generate_responses(model, tokenizer, prompts, max_new_tokens=7)
-    prompt_len = utils.encode_texts(tokenizer, prompts)["input_ids"].shape[1]
+    out = lab.generate_responses(model, tokenizer, prompts, max_new_tokens=7)
+    prompt_len = lab.encode_texts(tokenizer, prompts)["input_ids"].shape[1]
     assert out["query_ids"].shape == out["query_mask"].shape == (3, prompt_len)
     mask = out["response_mask"]
     # as wide as the longest response: it ends with <eos> in the last column or has max_new_tokens tokens
@@ -325,23 +326,23 @@ def test_generate_responses_shapes_and_masks(tiny_sft):
     assert (mask[:, 1:] <= mask[:, :-1]).all()  # ones, then zeros after the first <eos>
     assert (mask[:, 0] == 1).all()
     torch.manual_seed(0)
-    assert utils.generate_responses(model, tokenizer, prompts, max_new_tokens=7)["responses"] == out["responses"]
+    assert lab.generate_responses(model, tokenizer, prompts, max_new_tokens=7)["responses"] == out["responses"]
 
 
 def test_response_mask_cuts_after_the_first_eos():
     ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 5, 5]])
-    assert utils.response_mask_from_ids(ids, eos_token_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1],
+    assert lab.response_mask_from_ids(ids, eos_token_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1],
                                                                          [1, 0, 0, 0]]
 
 
 def test_generate_responses_rejects_bad_requests(tiny_sft):
     model, tokenizer, _ = tiny_sft
     with pytest.raises(ValueError, match="empty"):
-        utils.generate_responses(model, tokenizer, [])
+        lab.generate_responses(model, tokenizer, [])
     with pytest.raises(ValueError, match="context"):
-        utils.generate_responses(model, tokenizer, ["the plot is"], max_new_tokens=TINY_SFT.n_positions)
+        lab.generate_responses(model, tokenizer, ["the plot is"], max_new_tokens=TINY_SFT.n_positions)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        utils.generate_responses(model, tokenizer, ["the plot is"], max_new_tokens=0)
+        lab.generate_responses(model, tokenizer, ["the plot is"], max_new_tokens=0)
 
 
 # ------------------------------------------------------ hub / local models ---
@@ -354,7 +355,7 @@ def other_tokenizer():
     backend = Tokenizer(models.BPE(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]", "[END]"])
-    backend.train_from_iterator([r["text"] for r in utils.make_corpus(200, seed=0)], trainer=trainer)
+    backend.train_from_iterator([r["text"] for r in lab.make_corpus(200, seed=0)], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[END]",
                                    padding_side="right")
 
@@ -379,18 +380,18 @@ def local_models(tmp_path_factory):
 
 
 def test_load_policy_from_a_local_folder(local_models):
-    model, tokenizer = utils.load_policy(str(local_models / "policy"), device=torch.device("cpu"))
+    model, tokenizer = lab.load_policy(str(local_models / "policy"), device=torch.device("cpu"))
     assert model.config.n_embd == 16 and not model.training
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token == "[END]"
     prompts = ["the plot is", "we saw it last night and"]
     torch.manual_seed(0)
-    out = utils.generate_responses(model, tokenizer, prompts, max_new_tokens=5)
+    out = lab.generate_responses(model, tokenizer, prompts, max_new_tokens=5)
     assert out["response_ids"].shape[0] == 2 and out["response_ids"].shape[1] <= 5 and len(out["responses"]) == 2
 
 
 def test_load_reward_model_from_a_local_folder(local_models):
-    reward_model = utils.load_reward_model(str(local_models / "reward"), device=torch.device("cpu"))
-    assert isinstance(reward_model, utils.ClassifierRewardModel)
+    reward_model = lab.load_reward_model(str(local_models / "reward"), device=torch.device("cpu"))
+    assert isinstance(reward_model, lab.ClassifierRewardModel)
     assert reward_model.positive_label == 1
     texts = ["the plot is great .", "the plot is", "i watched this film with my kids and it was bad ."]
     scores = reward_model(texts)
@@ -403,21 +404,32 @@ def test_load_reward_model_from_a_local_folder(local_models):
 
 def test_lab_names_give_the_lab_models(sft_cache, reward_cache, monkeypatch):
     # 'lab' goes through load_sft_model / load_lab_reward_model: point them at the tiny cached models
-    sft, reward = utils.load_sft_model, utils.load_lab_reward_model
-    monkeypatch.setattr(utils, "load_sft_model", lambda config, **kw: sft(TINY_SFT, cache_dir=sft_cache[0], **kw))
-    monkeypatch.setattr(utils, "load_lab_reward_model",
+    sft, reward = lab.load_sft_model, lab.load_lab_reward_model
+    monkeypatch.setattr(lab, "load_sft_model", lambda config, **kw: sft(TINY_SFT, cache_dir=sft_cache[0], **kw))
+    monkeypatch.setattr(lab, "load_lab_reward_model",
                         lambda config, **kw: reward(TINY_REWARD, cache_dir=reward_cache[0], **kw))
-    model, tokenizer = utils.load_policy("lab", device=torch.device("cpu"), progress=False)
+    model, tokenizer = lab.load_policy("lab", device=torch.device("cpu"), progress=False)
     assert model.config.n_embd == TINY_SFT.n_embd and tokenizer.padding_side == "left"
-    reward_model = utils.load_reward_model("lab", device=torch.device("cpu"), progress=False)
-    assert isinstance(reward_model, utils.LabRewardModel)
+    reward_model = lab.load_reward_model("lab", device=torch.device("cpu"), progress=False)
+    assert isinstance(reward_model, lab.LabRewardModel)
     assert reward_model(["the plot is great .", "the plot is"]).shape == (2,)
 
 
-@pytest.mark.parametrize("loader", [utils.load_policy, utils.load_reward_model])
+@pytest.mark.parametrize("loader", [lab.load_policy, lab.load_reward_model])
 def test_unknown_model_name_offline_raises_a_clear_error(loader, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "no-such-owner/no-such-model-4242"
     with pytest.raises(ValueError) as err:
         loader(name, device=torch.device("cpu"))
     assert name in str(err.value) and "'lab'" in str(err.value)
+
+
+def test_llm_lab_does_not_import_rlhf():
+    """Imports point one way, rlhf -> llm_lab -> utils."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(lab.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "rlhf" not in imported
