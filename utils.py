@@ -4,7 +4,8 @@ Sections
 --------
 1. Reproducibility and device: ``set_seed``, ``get_device``.
 2. The chapter's toy game ``Lottery``; batches of episodes as padded tensors (``play_batch``,
-   ``to_padded_batch``, ``reward_to_go``); the exact Bellman solution (``policy_values``,
+   ``to_padded_batch``, ``reward_to_go``; ``play_batches`` plays many policies at once); the exact
+   Bellman solution (``policy_values``, its differentiable twin ``policy_values_torch``,
    ``optimal_policy``) that the toy notebooks hold every estimate against.
 3. Plot helpers; each returns a matplotlib figure.
 4. Notebook helpers: ``check_param`` (validates a hyperparameter, naming it), ``show_source``,
@@ -71,13 +72,17 @@ class Lottery:
     makes the next state differ from the current one, which is what exposes a
     wrong ``V(s_{t+1})`` index in a TD or GAE implementation.
 
-    The game has its own random generator, seeded only by ``reset(seed=...)``
-    (``set_seed`` does not reach it): seed the first reset of a run, then call
-    ``reset()`` without a seed to continue the same random stream.
+    The game has its own random generator (``set_seed`` does not reach it): seed it with
+    ``Lottery(seed=...)`` or with the first ``reset(seed=...)`` of a run, then call ``reset()``
+    without a seed to continue the same random stream. ``step`` returns Gymnasium's pair of end
+    flags: ``terminated`` (the game itself ended: no future rewards, the value after it is 0) and
+    ``truncated`` (stopped from outside, e.g. by a time limit: the state still had a future, so a
+    learner bootstraps from it). The game never truncates: ``play_episode`` raises instead.
     """
 
     def __init__(self, end_prob: float = 0.01, switch_prob: float = 0.0,
-                 reward_means: Mapping[str, float] | None = None, reward_std: float = 1.0):
+                 reward_means: Mapping[str, float] | None = None, reward_std: float = 1.0,
+                 seed: int | None = None):
         if not 0.0 < end_prob <= 1.0:
             raise ValueError(f"end_prob must be in (0, 1], got {end_prob!r}")
         if not 0.0 <= switch_prob <= 1.0:
@@ -91,7 +96,7 @@ class Lottery:
         self.switch_prob = float(switch_prob)
         self.reward_means = reward_means
         self.reward_std = float(reward_std)
-        self._rng = np.random.default_rng()
+        self._rng = np.random.default_rng(seed)
         self.state: str | None = None
         self.done = True
 
@@ -197,6 +202,55 @@ def to_padded_batch(episodes) -> dict:
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
+def play_batches(draw_prob, n_episodes: int, rng: np.random.Generator, env: Lottery | None = None,
+                 dtype=None) -> dict:
+    """Play ``n_episodes`` episodes for each of R policies at once: padded tensors of shape (R, n_episodes, T).
+
+    ``draw_prob`` has shape (R, 2), P(draw | s) of each policy (states ordered as ``STATES``); the rules come
+    from ``env`` (default ``Lottery()``), the random numbers from ``rng`` (a ``np.random.Generator``). The
+    result holds the tensors of ``to_padded_batch`` with a leading run axis; T is the longest episode of all,
+    float tensors have ``dtype`` (default: torch's default dtype). One numpy step advances every running
+    episode at once, so the Python loop runs once per time step of the longest episode, not once per step of
+    every episode: this is how the notebooks train many seeds together. Same rules as ``play_episode``
+    (tests/test_game.py compares the statistics), not the same random stream.
+    """
+    import torch
+
+    env = env or Lottery()
+    draw_prob = np.asarray(draw_prob, dtype=float)
+    if draw_prob.ndim != 2 or draw_prob.shape[1] != len(STATES) or np.any((draw_prob < 0) | (draw_prob > 1)):
+        raise ValueError(f"draw_prob must be an (R, 2) array of probabilities, got {draw_prob!r}")
+    n_runs, total = draw_prob.shape[0], draw_prob.shape[0] * n_episodes
+    episode_draw_prob = np.repeat(draw_prob, n_episodes, axis=0)             # (R * n_episodes, 2)
+    means = np.array([env.reward_means[s] for s in STATES])
+    episode = np.arange(total)                                             # the episodes still running ...
+    state = rng.integers(len(STATES), size=total)                          # ... and their current states
+    steps = []  # one tuple of arrays per time step, over the episodes still running at that step
+    while episode.size:
+        n = episode.size
+        draw = rng.random(n) < episode_draw_prob[episode, state]
+        reward = np.where(draw, means[state] + env.reward_std * rng.standard_normal(n), 0.0)
+        end = ~draw | (rng.random(n) < env.end_prob)                        # a stop always ends the episode
+        next_state = state
+        if env.switch_prob > 0:
+            next_state = np.where(~end & (rng.random(n) < env.switch_prob), 1 - state, state)
+        steps.append((episode, state, next_state, draw, reward, end))
+        episode, state = episode[~end], next_state[~end]
+    rows = np.concatenate([step[0] for step in steps])                     # (total steps,) episode of each step
+    cols = np.repeat(np.arange(len(steps)), [step[0].size for step in steps])  # its time index
+    batch = {}
+    for k, (name, kind) in enumerate((("states", np.int64), ("next_states", np.int64), ("actions", np.int64),
+                                      ("rewards", float), ("done", float)), start=1):
+        padded = np.zeros((total, len(steps)), dtype=kind)
+        padded[rows, cols] = np.concatenate([step[k] for step in steps])
+        batch[name] = padded
+    batch["mask"] = np.zeros((total, len(steps)))
+    batch["mask"][rows, cols] = 1.0
+    dtype = dtype or torch.get_default_dtype()
+    return {name: torch.from_numpy(array).view(n_runs, n_episodes, len(steps)).to(
+        torch.int64 if array.dtype == np.int64 else dtype) for name, array in batch.items()}
+
+
 def reward_to_go(rewards, gamma: float):
     """Discounted reward-to-go of a padded batch: rewards (N, T), zero after each episode's end -> G (N, T).
 
@@ -206,9 +260,9 @@ def reward_to_go(rewards, gamma: float):
     import torch
 
     steps = torch.arange(rewards.shape[-1])
+    powers = gamma ** steps.to(rewards.dtype)                            # (T,): γ^0, γ^1, ..., γ^(T-1)
     lag = steps[None, :] - steps[:, None]                                # (T, T): lag[t, k] = k - t
-    discount = torch.where(lag >= 0, gamma ** lag.clamp(min=0).to(rewards.dtype),
-                           torch.zeros((), dtype=rewards.dtype))         # (T, T): Γ, upper triangular
+    discount = torch.triu(powers[lag.clamp(min=0)])                      # (T, T): Γ, zero below the diagonal
     return rewards @ discount.T                                          # (N, T)
 
 
@@ -254,6 +308,27 @@ def policy_values(policy, gamma: float, env: Lottery | None = None) -> dict:
     return {s: float(values[i]) + 0.0 for i, s in enumerate(STATES)}  # + 0.0 turns -0.0 into 0.0
 
 
+def policy_values_torch(draw_prob, gamma: float, env: Lottery | None = None):
+    """``policy_values`` in torch: batched and differentiable, so autograd gives exact gradients of V^pi.
+
+    ``draw_prob``: tensor (..., 2) of P(draw | s) -> V^pi, tensor (..., 2), states ordered as ``STATES``.
+    The same Bellman system (I - gamma * P) V = r, solved by ``torch.linalg.solve`` for every policy of the
+    batch; gradients flow back to ``draw_prob`` and to whatever produced it (logits, a network).
+    """
+    import torch
+
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    env = env or Lottery()
+    dtype = draw_prob.dtype
+    means = torch.tensor([env.reward_means[s] for s in STATES], dtype=dtype)                     # (2,)
+    switch = torch.tensor([[1 - env.switch_prob, env.switch_prob],
+                           [env.switch_prob, 1 - env.switch_prob]], dtype=dtype)               # (2, 2)
+    transition = draw_prob[..., :, None] * (1 - env.end_prob) * switch                         # (..., 2, 2)
+    system = torch.eye(len(STATES), dtype=dtype) - gamma * transition                          # (..., 2, 2)
+    return torch.linalg.solve(system, (draw_prob * means)[..., None]).squeeze(-1)              # (..., 2)
+
+
 def optimal_policy(gamma: float, env: Lottery | None = None):
     """The optimal policy and its values: ``({'w': P(draw|w), 'l': P(draw|l)}, values)``.
 
@@ -289,27 +364,38 @@ def _new_axes(title: str, xlabel: str, ylabel: str, figsize=(7, 4)):
     return fig, ax
 
 
-def _plot_per_state(ax, curves: Mapping[str, Sequence[float]], references: Mapping[str, float],
-                    steps: Sequence[float] | None, curve_label, reference_label):
-    """For each state, its curve (solid) and its reference value (dashed) in one colour; labels are functions of
-    the state."""
+def _plot_per_state(ax, curves: Mapping[str, Sequence[float]], references: Mapping, steps: Sequence[float] | None,
+                    curve_label, reference_label):
+    """For each state, its curve (solid) and its reference (dashed) in one colour; labels are functions of the
+    state. A reference is a number (a horizontal line) or a sequence as long as the curve (a dashed curve)."""
     for i, state in enumerate(STATES):
         curve = np.asarray(curves[state], dtype=float)
         x = np.arange(len(curve)) if steps is None else np.asarray(steps)
-        ax.plot(x, curve, color=f"C{i}", label=curve_label(state))
-        ax.axhline(references[state], color=f"C{i}", linestyle="--", label=reference_label(state))
+        reference = np.asarray(references[state], dtype=float)
+        if reference.ndim == 0:
+            ax.axhline(float(reference), color=f"C{i}", linestyle="--", linewidth=1.2, zorder=1,
+                       label=reference_label(state))
+        else:
+            ax.plot(x, reference, color=f"C{i}", linestyle="--", linewidth=1.2, zorder=1,
+                    label=reference_label(state))
+        ax.plot(x, curve, color=f"C{i}", zorder=2, label=curve_label(state))
 
 
-def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: Mapping[str, float],
+def plot_value_estimates(estimates: Mapping[str, Sequence[float]], true_values: Mapping,
                          steps: Sequence[float] | None = None, title: str = "Value estimates during training",
                          xlabel: str = "episode", curve_name: str = "estimate", reference_name: str = "true"):
     """V(s) over training (solid) against reference values (dashed), one colour per state.
 
-    ``curve_name`` and ``reference_name`` name the two in the legend ("estimate" and "true" by default).
+    A reference is a number per state, or a sequence per state (e.g. V^pi of the policy at each point of
+    training). ``curve_name`` and ``reference_name`` name the two in the legend ("estimate" and "true").
     """
+    def reference_label(state):
+        value = np.asarray(true_values[state], dtype=float)
+        return f"{reference_name} V({state})" + (f" = {float(value):.2f}" if value.ndim == 0 else "")
+
     fig, ax = _new_axes(title, xlabel, "V(s)")
     _plot_per_state(ax, estimates, true_values, steps, curve_label=lambda state: f"{curve_name} V({state})",
-                    reference_label=lambda state: f"{reference_name} V({state}) = {true_values[state]:.2f}")
+                    reference_label=reference_label)
     ax.legend(loc="best")
     fig.tight_layout()
     return fig
@@ -321,7 +407,7 @@ def plot_action_probabilities(draw_probabilities: Mapping[str, Sequence[float]],
     """P(draw | s) over training (solid) against the optimal policy (dashed)."""
     fig, ax = _new_axes(title, xlabel, "P(draw | s)")
     _plot_per_state(ax, draw_probabilities, optimal, steps, curve_label=lambda state: f"P(draw | {state})",
-                    reference_label=lambda state: f"optimal P(draw | {state}) = {optimal[state]:.0f}")
+                    reference_label=lambda state: f"optimal P(draw | {state}) = {optimal[state]:g}")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(loc="best")
     fig.tight_layout()
@@ -329,25 +415,38 @@ def plot_action_probabilities(draw_probabilities: Mapping[str, Sequence[float]],
 
 
 def plot_runs_band(runs: Mapping[str, np.ndarray], steps: Sequence[float] | None = None,
-                   title: str = "Mean over seeds ± one standard deviation", xlabel: str = "episode",
+                   title: str | None = None, xlabel: str = "episode",
                    ylabel: str = "value", reference: float | None = None, reference_label: str = "target",
-                   legend_below: bool = False):
-    """Several seeds per method: the mean as a line and mean ± std as a band.
+                   legend_below: bool = False, band: str = "std", quantiles: tuple = (0.1, 0.9)):
+    """Several seeds per method: a line and a band over the seeds.
 
-    ``runs[label]`` has shape (n_seeds, n_points). ``legend_below`` puts the legend under the axes, for
-    bands so wide that no corner of the plot is free.
+    ``runs[label]`` has shape (n_seeds, n_points). ``band="std"``: the mean and mean ± one standard
+    deviation (for quantities without bounds); ``band="quantile"``: the median and the ``quantiles``
+    of the seeds, which stay inside any range the curves stay in (a probability, a return that cannot
+    beat the optimum). ``legend_below`` puts the legend under the axes, for bands so wide that no corner
+    of the plot is free.
     """
+    if band not in ("std", "quantile"):
+        raise ValueError(f"band must be 'std' or 'quantile', got {band!r}")
+    low_q, high_q = quantiles
+    if title is None:
+        title = ("Mean over seeds ± one standard deviation" if band == "std"
+                 else f"Median over seeds, band from the {low_q:.0%} to the {high_q:.0%} quantile")
     fig, ax = _new_axes(title, xlabel, ylabel)
+    if reference is not None:  # drawn first, so that a curve lying on it stays visible
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1.0, zorder=1, label=reference_label)
     for i, (label, curves) in enumerate(runs.items()):
         curves = np.asarray(curves, dtype=float)
         if curves.ndim != 2:
             raise ValueError(f"runs[{label!r}] must have shape (n_seeds, n_points), got {curves.shape}")
         x = np.arange(curves.shape[1]) if steps is None else np.asarray(steps)
-        mean, std = curves.mean(axis=0), curves.std(axis=0)
-        ax.plot(x, mean, color=f"C{i}", label=f"{label} (n={curves.shape[0]})")
-        ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2)
-    if reference is not None:
-        ax.axhline(reference, color="black", linestyle="--", label=reference_label)
+        if band == "std":
+            center, std = curves.mean(axis=0), curves.std(axis=0)
+            low, high = center - std, center + std
+        else:
+            low, center, high = np.quantile(curves, [low_q, 0.5, high_q], axis=0)
+        ax.plot(x, center, color=f"C{i}", zorder=3, label=f"{label} (n={curves.shape[0]})")
+        ax.fill_between(x, low, high, color=f"C{i}", alpha=0.2, zorder=2)
     if legend_below:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     else:
@@ -377,6 +476,27 @@ def check_param(name: str, value, *, low=None, high=None, low_open: bool = False
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
+
+
+def mean_confidence_interval(samples, level: float = 0.95):
+    """Mean of ``samples`` and its Student-t confidence interval: ``(mean, low, high)``.
+
+    For paired comparisons pass the per-seed differences. The t quantile comes from the Cornish-Fisher
+    expansion around the normal quantile (within 0.003 of the exact value for 5 or more degrees of freedom).
+    """
+    from statistics import NormalDist
+
+    samples = np.asarray(samples, dtype=float)
+    if samples.ndim != 1 or samples.size < 2 or not np.all(np.isfinite(samples)):
+        raise ValueError(f"samples must be a 1-d array of at least 2 finite numbers, got {samples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    dof, z = samples.size - 1, NormalDist().inv_cdf(0.5 + level / 2)
+    t = (z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3))
+    mean = float(samples.mean())
+    half_width = t * float(samples.std(ddof=1)) / np.sqrt(samples.size)
+    return mean, mean - half_width, mean + half_width
 
 
 def count_parameters(model) -> int:

@@ -120,6 +120,12 @@ def test_switching_game_values_match_simulation():
         assert abs(sample.mean() - truth[state]) < 4 * sample.std() / np.sqrt(len(sample))
 
 
+def test_constructor_seed_makes_the_game_reproducible():
+    first = play_episode(Lottery(seed=5), always(DRAW))
+    second = play_episode(Lottery(seed=5), always(DRAW))
+    assert first.rewards == second.rewards and first.states == second.states
+
+
 @pytest.mark.parametrize("bad", [2, -1, 0.5, "draw", None, True])
 def test_invalid_action_raises(bad):
     env = Lottery()
@@ -203,6 +209,88 @@ def test_solver_rejects_bad_gamma():
         policy_values({"w": 1, "l": 1}, 1.5)
 
 
+def test_policy_values_torch_matches_the_numpy_solver_in_a_batch():
+    import torch
+
+    env = Lottery(switch_prob=0.25, end_prob=0.05)
+    draw = torch.tensor([[0.8, 0.3], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    values = utils.policy_values_torch(draw, 0.97, env)
+    assert values.shape == (4, 2)
+    for row, v in zip(draw.tolist(), values.tolist()):
+        expected = policy_values(row, 0.97, env)
+        assert v == pytest.approx([expected["w"], expected["l"]], abs=1e-12)
+
+
+def test_policy_values_torch_gradient_equals_finite_differences():
+    import torch
+
+    env = Lottery(switch_prob=0.2)
+    logits = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)
+    objective = utils.policy_values_torch(torch.sigmoid(logits), 0.9, env).mean()  # J = (V(w) + V(l)) / 2
+    objective.backward()
+
+    def j_numpy(z):
+        return 0.5 * sum(policy_values(1 / (1 + np.exp(-np.asarray(z))), 0.9, env).values())
+
+    h = 1e-6
+    for i in range(2):
+        step = np.eye(2)[i] * h
+        z = logits.detach().numpy()
+        finite_difference = (j_numpy(z + step) - j_numpy(z - step)) / (2 * h)
+        assert logits.grad[i].item() == pytest.approx(finite_difference, rel=1e-6)
+
+
+# ---------------------------------------------------------------- batched episodes ---
+
+def test_play_batches_layout_matches_to_padded_batch():
+    batch = utils.play_batches(np.array([[0.9, 0.5], [0.0, 0.0], [1.0, 1.0]]), 50, np.random.default_rng(0),
+                               env=Lottery(end_prob=0.2, switch_prob=0.3))
+    n_runs, n_episodes, t_max = batch["states"].shape
+    assert (n_runs, n_episodes) == (3, 50) and all(t.shape == (3, 50, t_max) for t in batch.values())
+    lengths = batch["mask"].sum(-1)                                            # (3, 50)
+    assert lengths.min() >= 1 and lengths.max() == t_max
+    assert torch_equal(batch["done"].sum(-1), 1)                              # exactly one last step per episode
+    last = (lengths - 1).long()
+    assert torch_equal(batch["done"].gather(-1, last[..., None]).squeeze(-1), 1)
+    real = batch["mask"].bool()
+    following = batch["states"][..., 1:][real[..., 1:]]                        # states of steps 1.. of each episode
+    assert torch_equal(batch["next_states"][..., :-1][real[..., 1:]], following)
+    assert torch_equal(lengths[1], 1) and torch_equal(batch["actions"][1, :, 0], STOP)  # never draws: one stop
+    assert torch_equal(batch["rewards"][1], 0)
+    stops = (batch["actions"] == STOP) & real
+    assert torch_equal(batch["done"][stops], 1)                                # a stop always ends the episode
+
+
+def torch_equal(tensor, value):
+    return bool((tensor == value).all())
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 0.3])
+def test_play_batches_returns_match_the_bellman_solution(switch_prob):
+    env = Lottery(switch_prob=switch_prob, end_prob=0.05)
+    policy = [0.8, 0.4]
+    batch = utils.play_batches(np.array([policy]), 20000, np.random.default_rng(1), env=env)
+    returns = utils.reward_to_go(batch["rewards"][0], 0.9)[:, 0].numpy()     # G_0 of every episode
+    start = batch["states"][0, :, 0].numpy()
+    truth = policy_values(policy, 0.9, env)
+    for i, state in enumerate(utils.STATES):
+        sample = returns[start == i]
+        assert abs(sample.mean() - truth[state]) < 4 * sample.std() / np.sqrt(len(sample))
+
+
+def test_play_batches_episode_lengths_are_geometric():
+    batch = utils.play_batches(np.ones((2, 2)), 3000, np.random.default_rng(2))  # always draw, end_prob 0.01
+    lengths = batch["mask"].sum(-1).numpy().ravel()
+    assert abs(lengths.mean() - 100) < 6  # standard error about 1.3
+
+
+def test_play_batches_rejects_bad_probabilities():
+    with pytest.raises(ValueError, match="draw_prob"):
+        utils.play_batches(np.array([0.5, 0.5]), 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="draw_prob"):
+        utils.play_batches(np.array([[0.5, 1.5]]), 3, np.random.default_rng(0))
+
+
 # ---------------------------------------------------------------- plot helpers ---
 
 def _texts(fig):
@@ -239,6 +327,28 @@ def test_plot_runs_band():
         utils.plot_runs_band({"A": np.zeros(3)})
 
 
+def test_plot_runs_band_quantile_band_stays_inside_the_range_of_the_curves():
+    rng = np.random.default_rng(0)
+    curves = rng.uniform(0, 1, size=(5, 30))
+    fig = utils.plot_runs_band({"A": curves}, band="quantile", reference=1.0)
+    (band,) = fig.axes[0].collections
+    vertices = band.get_paths()[0].vertices[:, 1]
+    assert vertices.min() >= curves.min() and vertices.max() <= curves.max()
+    assert "Median" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="band"):
+        utils.plot_runs_band({"A": curves}, band="minmax")
+
+
+def test_plot_value_estimates_accepts_reference_curves():
+    steps = np.arange(20)
+    fig = utils.plot_value_estimates({"w": np.linspace(0, 9, 20), "l": np.zeros(20)},
+                                     {"w": np.linspace(1, 9, 20), "l": np.full(20, -1.0)}, steps=steps,
+                                     reference_name="V^pi")
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 2 and len(dashed[0].get_ydata()) == 20
+    assert "V^pi V(w)" in _texts(fig)[3]
+
+
 def test_plot_runs_band_legend_below_leaves_the_axes_free():
     rng = np.random.default_rng(0)
     fig = utils.plot_runs_band({"A": rng.normal(size=(5, 30))}, reference=0.0, legend_below=True)
@@ -262,6 +372,18 @@ def test_check_param_names_the_parameter():
         utils.check_param("episodes", 2.5, low=1, integer=True)
     with pytest.raises(ValueError, match="beta must be a finite number"):
         utils.check_param("beta", float("nan"), low=0)
+
+
+@pytest.mark.parametrize("n, t_quantile", [(6, 2.5706), (10, 2.2622), (20, 2.0930), (30, 2.0452)])
+def test_mean_confidence_interval_uses_the_t_quantile(n, t_quantile):
+    samples = np.arange(n, dtype=float) ** 1.5
+    mean, low, high = utils.mean_confidence_interval(samples)
+    standard_error = samples.std(ddof=1) / np.sqrt(n)
+    assert mean == pytest.approx(samples.mean())
+    assert (high - mean) / standard_error == pytest.approx(t_quantile, abs=3e-3)
+    assert mean - low == pytest.approx(high - mean)
+    with pytest.raises(ValueError, match="samples"):
+        utils.mean_confidence_interval([1.0])
 
 
 def test_reward_to_go_matches_its_definition():
