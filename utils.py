@@ -8,8 +8,8 @@ Sections
    Bellman solution (``policy_values``, its differentiable twin ``policy_values_torch``,
    ``optimal_policy``) that the toy notebooks hold every estimate against.
 3. Plot helpers; each returns a matplotlib figure.
-4. Notebook helpers: ``check_param`` (validates a hyperparameter, naming it), ``show_source``,
-   ``count_parameters``, ``progress_bar``.
+4. Notebook helpers: ``check_param`` (validates a hyperparameter, naming it), ``expected_failure``
+   (shows a wrong version failing), ``show_source``, ``count_parameters``, ``progress_bar``.
 
 Used by every notebook. The algorithms of value_learning, policy_learning, a2c and ddpg_td3 are
 written out in those notebooks; the small-LLM lab lives in ``llm_lab.py`` and the RLHF algorithms in
@@ -17,6 +17,7 @@ written out in those notebooks; the small-LLM lab lives in ``llm_lab.py`` and th
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -513,6 +514,23 @@ def progress_bar(iterable, enabled: bool = True, desc: str | None = None):
     return tqdm(iterable, desc=desc, mininterval=0.5)
 
 
+@contextlib.contextmanager
+def expected_failure(*errors: type):
+    """Run a deliberately wrong version inside ``with expected_failure(AssertionError):``.
+
+    The error it raises is printed, as a reader should see it, and the cell goes on; if the wrong
+    version does NOT fail, the check has no teeth and this raises. Unlike a cell that ends in an
+    error, it lets "Run All", nbconvert and papermill run the whole notebook.
+    """
+    errors = errors or (AssertionError,)
+    try:
+        yield
+    except errors as err:
+        print(f"{type(err).__name__}, as expected: {err}")
+    else:
+        raise AssertionError(f"expected {' or '.join(e.__name__ for e in errors)}, but the wrong version passed")
+
+
 def show_source(*functions):
     """Display the source of functions or classes in the notebook, so the lesson reads the code that runs.
 
@@ -524,3 +542,123 @@ def show_source(*functions):
 
     source = "\n\n".join(inspect.getsource(f).rstrip() for f in functions)
     display(Markdown(f"```python\n{source}\n```"))
+
+
+# ---------------------------------------------------------------------------
+# 5. Many runs in stacked tensors (ddpg_td3): a masked Adam and a band plot per variant
+# ---------------------------------------------------------------------------
+
+class MaskedAdam:
+    """Adam (Kingma & Ba, 2015) for stacked models: every tensor in ``params`` has a leading model axis.
+
+    ``step(grads, mask)`` updates only the models where ``mask`` (M,) is True. A model masked off keeps
+    its weights, its moment estimates and its step count bit for bit; ``torch.optim.Adam`` given a zero
+    gradient would still move it, since its first moment remembers earlier gradients.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]                           # first moment, per weight
+        self.v = [torch.zeros_like(p) for p in params]                           # second moment, per weight
+        self.steps = torch.zeros(params[0].shape[0], device=params[0].device)    # updates so far, per model
+
+    def step(self, grads, mask=None):
+        import torch
+
+        with torch.no_grad():
+            if mask is None:
+                mask = torch.ones(self.steps.shape, dtype=torch.bool, device=self.steps.device)
+            beta1, beta2 = self.betas
+            self.steps += mask
+            t = self.steps.clamp(min=1)                                          # (M,): each model's own step count
+            for p, g, m, v in zip(self.params, grads, self.m, self.v):
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                on = mask.view(shape).to(p.dtype)                                # 1 for models that update, else 0
+                m.lerp_(g, (1 - beta1) * on)                                     # m <- b1 m + (1 - b1) g
+                v.lerp_(g * g, (1 - beta2) * on)                                 # v <- b2 v + (1 - b2) g^2
+                step_size = (self.lr / (1 - beta1 ** t)).view(shape) * on        # lr / (1 - b1^t); 0 when masked off
+                denominator = (v / (1 - beta2 ** t).view(shape)).sqrt_().add_(self.eps)
+                p.addcdiv_(m * step_size, denominator, value=-1.0)               # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+
+
+def plot_seed_bands(curves: Mapping[str, np.ndarray], steps: Sequence[float], *, labels: Mapping | None = None,
+                    colors: Mapping | None = None, wide: str | None = None, ax=None, title: str = "",
+                    xlabel: str = "step", ylabel: str = "value", reference: float | None = None,
+                    reference_label: str = "target", legend_columns: int = 2):
+    """Several variants with several seeds each: per variant the mean over the seeds and a band of
+    ± one sample standard deviation (ddof=1; no band for a single seed). Returns the figure.
+
+    ``curves[name]`` has shape (n_seeds, n_points). ``labels`` and ``colors`` map names to legend text
+    and colours (default: the name, and C0, C1, ... in the order of ``curves``). ``wide`` names a curve
+    drawn first, in a wide line, so that a curve lying on top of it still shows. ``ax`` draws into
+    existing axes. The legend goes under the axes, since early bands can fill every corner.
+    """
+    if ax is None:
+        fig, ax = _new_axes(title, xlabel, ylabel, figsize=(7, 4.6))
+    else:
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    labels = labels or {name: name for name in curves}
+    colors = colors or {name: f"C{i}" for i, name in enumerate(curves)}
+    if reference is not None:  # drawn first, so that a curve lying on it stays visible
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1.0, zorder=1, label=reference_label)
+    for name in sorted(curves, key=lambda n: n != wide):  # stable sort: `wide` first, the others in order
+        values = np.asarray(curves[name], dtype=float)
+        if values.ndim != 2:
+            raise ValueError(f"curves[{name!r}] must have shape (n_seeds, n_points), got {values.shape}")
+        mean = values.mean(axis=0)
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+        ax.plot(steps, mean, color=colors[name], linewidth=4 if name == wide else 1.5,
+                label=f"{labels[name]} (n={len(values)})")
+        ax.fill_between(steps, mean - std, mean + std, color=colors[name], alpha=0.15)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=legend_columns, fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def lockstep_rollouts(envs, start_seeds: Sequence[int], policy: Callable, gamma: float, horizon: int,
+                      score_steps: int | None = None) -> dict:
+    """Roll a batched deterministic policy out in a grid of Gymnasium envs, all in lockstep.
+
+    ``envs[r][i]`` (R rows of E envs) starts from ``reset(seed=start_seeds[i])``, the same state on every
+    call. ``policy`` maps observations (R, E, obs_dim), float32, to env actions (R, E, act_dim). A rollout
+    ends when it terminates or is truncated, after at most ``horizon`` steps. Returns (R, E) arrays:
+    ``score``, the undiscounted return of the first ``score_steps`` steps (all if None); ``discounted``,
+    sum_t gamma^t r_t; ``last_reward``, the reward of the last step; and ``start_obs`` (R, E, obs_dim).
+    """
+    start_obs = np.array([[env.reset(seed=seed)[0] for env, seed in zip(row, start_seeds)] for row in envs],
+                         dtype=np.float32)
+    shape = start_obs.shape[:2]
+    score, discounted, last_reward = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    alive, obs = np.ones(shape, dtype=bool), start_obs.copy()
+    for t in range(horizon):
+        if not alive.any():
+            break
+        actions = policy(obs)                                                    # (R, E, act_dim)
+        for r, i in zip(*np.nonzero(alive)):
+            obs[r, i], reward, terminated, truncated, _ = envs[r][i].step(actions[r, i])
+            if score_steps is None or t < score_steps:
+                score[r, i] += reward
+            discounted[r, i] += gamma ** t * reward
+            last_reward[r, i] = reward
+            alive[r, i] = not (terminated or truncated)
+    return {"score": score, "discounted": discounted, "last_reward": last_reward, "start_obs": start_obs}
+
+
+def write_run_csvs(log: Mapping[str, np.ndarray], run_names: Sequence[str], folder) -> None:
+    """One CSV per run: ``folder/<run name>.csv`` with the columns of ``log`` (each (n_rows, n_runs));
+    the first column is written as integers, the others with 4 decimals."""
+    import csv
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(log)
+    for r, run_name in enumerate(run_names):
+        with open(folder / f"{run_name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for i in range(len(log[columns[0]])):
+                writer.writerow([int(log[columns[0]][i, r])] + [f"{log[c][i, r]:.4f}" for c in columns[1:]])

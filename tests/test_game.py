@@ -434,3 +434,99 @@ def test_show_source_displays_the_plain_source_as_a_python_code_block(monkeypatc
 
     expected = inspect.getsource(utils.reward_to_go).rstrip() + "\n\n" + inspect.getsource(utils.check_param).rstrip()
     assert markdown.data == f"```python\n{expected}\n```"
+
+
+def test_expected_failure_prints_the_error_and_fails_when_nothing_fails(capsys):
+    with utils.expected_failure(AssertionError):
+        raise AssertionError("one is not two")
+    assert capsys.readouterr().out == "AssertionError, as expected: one is not two\n"
+    with pytest.raises(AssertionError, match="the wrong version passed"):
+        with utils.expected_failure(AssertionError):
+            pass
+    with pytest.raises(KeyError):  # an error of another kind is a real error
+        with utils.expected_failure(AssertionError):
+            {}["missing"]
+
+
+# ------------------------------------------------- stacked runs (ddpg_td3) ---
+
+def test_masked_adam_equals_torch_adam_and_leaves_masked_models_untouched():
+    import torch
+
+    torch.manual_seed(0)
+    weights = torch.randn(3, 4, 5)                                       # 3 stacked models
+    ours, reference = weights.clone(), weights.clone().requires_grad_()
+    ours_adam, torch_adam = utils.MaskedAdam([ours], lr=0.01), torch.optim.Adam([reference], lr=0.01)
+    for _ in range(3):
+        gradient = torch.randn(3, 4, 5)
+        ours_adam.step([gradient])
+        reference.grad = gradient.clone()
+        torch_adam.step()
+    assert torch.allclose(ours, reference.detach(), rtol=1e-5, atol=1e-7)
+    held = [ours.clone(), ours_adam.m[0].clone(), ours_adam.v[0].clone(), ours_adam.steps.clone()]
+    ours_adam.step([torch.randn(3, 4, 5)], mask=torch.tensor([True, False, True]))
+    after = [ours, ours_adam.m[0], ours_adam.v[0], ours_adam.steps]
+    assert all(torch.equal(a[1], h[1]) for a, h in zip(after, held))      # model 1: weights, moments, step count
+    assert all(not torch.equal(a[0], h[0]) for a, h in zip(after, held))  # model 0 moved
+    reference.grad = torch.zeros_like(reference)                         # torch's Adam with a zero gradient ...
+    before = reference.detach().clone()
+    torch_adam.step()
+    assert not torch.equal(reference.detach(), before)                   # ... still moves: why MaskedAdam exists
+
+
+def test_plot_seed_bands_draws_mean_and_sample_std_with_the_wide_curve_first():
+    curves = {"a": np.array([[0.0, 1.0, 2.0], [2.0, 3.0, 6.0]]), "b": np.array([[1.0, 1.0, 1.0]])}
+    fig = utils.plot_seed_bands(curves, steps=[0, 10, 20], labels={"a": "A", "b": "B"}, wide="b",
+                                reference=-1.0, title="t", xlabel="x", ylabel="y")
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_label() != "target"]
+    assert [line.get_label() for line in lines] == ["B (n=1)", "A (n=2)"]     # the wide one is drawn first
+    assert lines[0].get_linewidth() == 4 and lines[1].get_linewidth() == 1.5
+    assert np.allclose(lines[1].get_ydata(), [1.0, 2.0, 4.0])
+    band_a = ax.collections[1].get_paths()[0].vertices[:, 1]                 # the polygon of a's band
+    std = curves["a"].std(axis=0, ddof=1)
+    assert np.isclose(band_a.max(), (curves["a"].mean(0) + std).max())
+    assert np.isclose(band_a.min(), (curves["a"].mean(0) - std).min())
+    assert np.isfinite(ax.collections[0].get_paths()[0].vertices).all()     # one seed: a flat band, no nan
+    assert ax.get_title() == "t" and "target" in [t.get_text() for t in ax.get_legend().get_texts()]
+    with pytest.raises(ValueError, match="curves"):
+        utils.plot_seed_bands({"a": np.zeros(3)}, steps=[0, 1, 2])
+
+
+class _Walk:
+    """A 1-d walk for the rollout test: starts at the seed, moves by the action, reward -|position|,
+    terminates once the position reaches 3."""
+
+    def reset(self, seed=None):
+        self.x = float(seed)
+        return np.array([self.x], dtype=np.float32), {}
+
+    def step(self, action):
+        self.x += float(action[0])
+        return np.array([self.x], dtype=np.float32), -abs(self.x), self.x >= 3, False, {}
+
+
+def test_lockstep_rollouts_scores_discounts_and_stops_each_rollout_on_its_own():
+    envs = [[_Walk(), _Walk()] for _ in range(2)]                      # 2 runs x 2 start states (seeds 0 and 1)
+    seen = []
+
+    def policy(obs):  # run 0 moves +1 per step, run 1 stays
+        seen.append(obs.shape)
+        return np.stack([np.ones_like(obs[0]), np.zeros_like(obs[1])])
+
+    out = utils.lockstep_rollouts(envs, [0, 1], policy, gamma=0.5, horizon=5, score_steps=2)
+    assert seen[0] == (2, 2, 1) and len(seen) == 5
+    assert out["start_obs"][:, :, 0].tolist() == [[0, 1], [0, 1]]
+    # run 0 from 0: rewards -1, -2, -3 (terminated); from 1: -2, -3 (terminated). Run 1: 0 and -1 for 5 steps
+    assert out["score"].tolist() == [[-3.0, -5.0], [0.0, -2.0]]
+    assert np.allclose(out["discounted"], [[-1 - 1 - 0.75, -2 - 1.5], [0.0, -(1 + 0.5 + 0.25 + 0.125 + 0.0625)]])
+    assert out["last_reward"].tolist() == [[-3.0, -3.0], [0.0, -1.0]]
+    again = utils.lockstep_rollouts(envs, [0, 1], policy, gamma=0.5, horizon=0)
+    assert np.array_equal(again["start_obs"], out["start_obs"]) and not again["score"].any()
+
+
+def test_write_run_csvs_writes_one_file_per_run(tmp_path):
+    log = {"step": np.array([[0, 0], [10, 10]]), "value": np.array([[0.5, 1.0], [1.5, 2.25]])}
+    utils.write_run_csvs(log, ["a", "b"], tmp_path / "runs")
+    assert (tmp_path / "runs" / "a.csv").read_text().splitlines() == ["step,value", "0,0.5000", "10,1.5000"]
+    assert (tmp_path / "runs" / "b.csv").read_text().splitlines() == ["step,value", "0,1.0000", "10,2.2500"]
