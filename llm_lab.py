@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
-                          GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast)
 
 from utils import count_parameters, get_device, progress_bar, set_seed
 
@@ -497,13 +497,11 @@ class LabRewardModel(TextRewardModel):
         return self.model(**batch).logits.squeeze(-1)
 
     def __call__(self, texts):
-        import torch
-
         texts = list(texts)
         if not texts:
             raise ValueError("texts is empty: give at least one text to score")
         with torch.no_grad():
-            return torch.cat([self.logits(texts[i:i + self.batch_size])
+            return torch.cat([self.logits(texts[i:i + self.batch_size]).float()
                               for i in range(0, len(texts), self.batch_size)])
 
 
@@ -624,44 +622,71 @@ def response_mask_from_ids(response_ids, eos_token_id: int):
     return (eos_before == 0).long()
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True,
+                    **outputs) -> GenerationConfig:
+    """A generation config that draws from the model's own distribution (its logits divided by
+    ``temperature``) and nothing else: no top-k, no top-p, no repetition penalty, no n-gram blocking,
+    no minimum length. ``do_sample=False`` is greedy decoding. ``outputs`` are options such as
+    ``output_scores=True``."""
+    sampling = dict(temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0) if do_sample else {}
+    return GenerationConfig(do_sample=do_sample, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, **sampling, **outputs)
+
+
 def generate_responses(model, tokenizer, prompts, max_new_tokens: int = 20, do_sample: bool = True,
-                       temperature: float = 1.0):
+                       temperature: float = 1.0, return_logprobs: bool = False):
     """Sample a response for every prompt, as one batch.
 
-    Pure sampling from the model's distribution (``top_k=0, top_p=1.0``, no
-    hidden warpers) so that the log-probabilities PPO computes later are the
-    probabilities the tokens were really drawn with. Returns a dict with
-    ``query_ids``/``query_mask`` (batch, prompt_len), ``response_ids``/``response_mask``
-    (batch, T), T = the longest response (at most ``max_new_tokens``), and the decoded ``responses``.
+    Pure sampling (``sampling_config``): whatever generation settings a checkpoint ships with are set
+    aside while it samples, so that the log-probabilities PPO computes later, from logits / ``temperature``,
+    are the probabilities the tokens were really drawn with. Returns a dict with
+    ``query_ids``/``query_mask`` (batch, prompt_len), ``response_ids``/``response_mask`` (batch, T),
+    T = the longest response (at most ``max_new_tokens``), the decoded ``responses``, and ``texts``:
+    prompt and response decoded together (what a reward model reads; exact for any tokenizer, where
+    gluing two strings with a space is not). ``return_logprobs`` adds ``sampler_logprobs`` (batch, T):
+    the log-probability of each sampled token under the distribution it was drawn from.
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     device = next(model.parameters()).device
     query = encode_texts(tokenizer, prompts, device)
     prompt_len = query["input_ids"].shape[1]
     if prompt_len + max_new_tokens > context_length(model):
         raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"context of {context_length(model)} tokens")
-    with torch.no_grad():
-        sequences = model.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
-                                   do_sample=do_sample, top_k=0, top_p=1.0, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = sampling_config(tokenizer, max_new_tokens, temperature, do_sample,
+                             output_scores=return_logprobs, return_dict_in_generate=True)
+    checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()  # library defaults only
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
+                                 generation_config=config)
+    finally:
+        model.generation_config = checkpoint_config
     # generation stops once every row has ended, so T is the longest response of this batch, not
     # max_new_tokens: every later forward pass over the batch skips the padding columns
-    response_ids = sequences[:, prompt_len:]                                    # (B, T), T <= max_new_tokens
+    response_ids = out.sequences[:, prompt_len:]                                # (B, T), T <= max_new_tokens
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
-    responses = tokenizer.batch_decode(response_ids * response_mask + tokenizer.pad_token_id * (1 - response_mask),
-                                       skip_special_tokens=True)
-    return {"query_ids": query["input_ids"], "query_mask": query["attention_mask"], "response_ids": response_ids,
-            "response_mask": response_mask, "prompts": prompts, "responses": [r.strip() for r in responses]}
-
-
-def join_prompt_response(prompts, responses) -> list:
-    return [f"{p} {r}".strip() for p, r in zip(prompts, responses)]
+    pad = tokenizer.pad_token_id
+    real_response = response_ids * response_mask + pad * (1 - response_mask)    # (B, T), padding after <eos>
+    real_query = query["input_ids"] * query["attention_mask"] + pad * (1 - query["attention_mask"])
+    result = {"query_ids": query["input_ids"], "query_mask": query["attention_mask"], "response_ids": response_ids,
+              "response_mask": response_mask, "prompts": prompts,
+              "responses": [r.strip() for r in tokenizer.batch_decode(real_response, skip_special_tokens=True)],
+              "texts": [t.strip() for t in tokenizer.batch_decode(torch.cat([real_query, real_response], dim=1),
+                                                                  skip_special_tokens=True)]}
+    if return_logprobs:
+        step_logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (B, T, vocab), as sampled
+        result["sampler_logprobs"] = step_logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -687,9 +712,9 @@ def _pretrained_kwargs(name_or_path: str) -> dict:
     return {}
 
 
-def _from_pretrained(loader, name_or_path: str, what: str):
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     try:
-        return loader.from_pretrained(name_or_path, **_pretrained_kwargs(name_or_path))
+        return loader.from_pretrained(name_or_path, **_pretrained_kwargs(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"could not load the {what} {name_or_path!r}: it is not a local folder saved with save_pretrained, "
@@ -705,16 +730,20 @@ def _prepare_tokenizer(tokenizer, padding_side: str):
     return tokenizer
 
 
-def load_policy(name_or_path: str = "lab", device=None, sft_config: SFTConfig = SFTConfig(), progress: bool = True):
+def load_policy(name_or_path: str = "lab", device=None, sft_config: SFTConfig = SFTConfig(), progress: bool = True,
+                dtype=torch.float32):
     """A causal LM and its tokenizer: ``'lab'`` (the embedded SFT model) or any hub name / local folder.
 
-    Returns ``(model, tokenizer)`` on ``device`` (CUDA when present), in eval mode.
+    Returns ``(model, tokenizer)`` on ``device`` (CUDA when present), in eval mode, with weights in
+    ``dtype``: float32 unless asked otherwise, whatever dtype the checkpoint was saved in (transformers
+    would otherwise keep a bfloat16 checkpoint in bfloat16). ``torch.bfloat16`` halves the memory on a GPU;
+    PPO still computes log-probabilities, ratios and KL in float32.
     """
     device = device or get_device()
     if name_or_path == "lab":
         model, tokenizer, _ = load_sft_model(sft_config, progress=progress, device=device)
-        return model, tokenizer
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "policy model")
+        return model.to(dtype), tokenizer
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "policy model", dtype=dtype)
     tokenizer = _prepare_tokenizer(_from_pretrained(AutoTokenizer, name_or_path, "policy tokenizer"), "left")
     return model.to(device).eval(), tokenizer
 
@@ -731,8 +760,6 @@ class ClassifierRewardModel(TextRewardModel):
         self.positive_label = positive_label
 
     def __call__(self, texts):
-        import torch
-
         texts = list(texts)
         if not texts:
             raise ValueError("texts is empty: give at least one text to score")
@@ -746,20 +773,24 @@ class ClassifierRewardModel(TextRewardModel):
                 if logits.shape[-1] == 1:
                     scores.append(logits[:, 0])
                     continue
-                log_probs = logits.log_softmax(-1)
-                positive = log_probs[:, self.positive_label]
-                # log-odds log p / (1 - p): unbounded like the lab's Bradley-Terry score
-                scores.append(positive - torch.log1p(-positive.exp().clamp(max=1 - 1e-6)))
+                # log-odds log p / (1 - p) of the positive label, unbounded like the lab's Bradley-Terry score;
+                # computed from the logits, exact even where p rounds to 1 (two labels: logit_pos - logit_neg)
+                others = logits.clone()
+                others[:, self.positive_label] = -torch.inf
+                scores.append(logits[:, self.positive_label] - others.logsumexp(-1))
         return torch.cat(scores)
 
 
 def load_reward_model(name_or_path: str = "lab", device=None, reward_config: RewardConfig = RewardConfig(),
-                      positive_label: int | None = None, progress: bool = True) -> TextRewardModel:
-    """A reward model behind the one interface ``texts -> scores``: ``'lab'`` or a hub / local classifier."""
+                      positive_label: int | None = None, progress: bool = True, dtype=torch.float32) -> TextRewardModel:
+    """A reward model behind the one interface ``texts -> scores``: ``'lab'`` or a hub / local classifier,
+    with weights in ``dtype`` (float32 unless asked otherwise; scores are float32 either way)."""
     device = device or get_device()
     if name_or_path == "lab":
-        return load_lab_reward_model(reward_config, progress=progress, device=device)[0]
-    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, "reward model")
+        reward_model = load_lab_reward_model(reward_config, progress=progress, device=device)[0]
+        reward_model.model.to(dtype)
+        return reward_model
+    model = _from_pretrained(AutoModelForSequenceClassification, name_or_path, "reward model", dtype=dtype)
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "reward tokenizer")
     tokenizer = _prepare_tokenizer(tokenizer, tokenizer.padding_side)
     if model.config.pad_token_id is None:

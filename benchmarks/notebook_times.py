@@ -7,7 +7,7 @@ Usage:  python benchmarks/notebook_times.py [NOTEBOOK ...] [--repeats 3] [--cold
 * "nbconvert": `python -m nbconvert --to notebook --execute` from the shell, which also pays for
   starting nbconvert itself and writing the executed notebook.
 
-Without NOTEBOOK it times the three LLM notebooks. Warm (the default) uses the lab's trained models
+Without NOTEBOOK it times the four LLM notebooks. Warm (the default) uses the lab's trained models
 in artifacts/ (an untimed first run trains them if they are missing). --cold runs every repeat in a
 fresh temporary copy of the project with no artifacts/, so each run trains the lab first.
 
@@ -29,7 +29,7 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-LLM_NOTEBOOKS = ["intuition_model.ipynb", "llm_ppo.ipynb", "llm_ppo_correct_dropout.ipynb"]
+LLM_NOTEBOOKS = ["intuition_model.ipynb", "llm_ppo.ipynb", "llm_ppo_correct_dropout.ipynb", "llm_grpo.ipynb"]
 
 
 def run_kernel_and_cells(notebook, workdir):
@@ -94,7 +94,7 @@ def main():
             if not args.cold:
                 return ROOT
             workdir = Path(tempfile.mkdtemp(dir=scratch))  # what the notebooks need, without artifacts/
-            for name in ["utils.py", *LLM_NOTEBOOKS, *args.notebooks]:
+            for name in ["utils.py", "llm_lab.py", "rlhf.py", *LLM_NOTEBOOKS, *args.notebooks]:
                 shutil.copy(ROOT / name, workdir / name)
             return workdir
 

@@ -29,7 +29,7 @@ def one_at_a_time_iteration(policy, reference, tokenizer, reward_model, config, 
         rollout = lab.generate_responses(policy.lm, tokenizer, [prompt], config.max_new_tokens)
         q, qm, r, rm = rollout["query_ids"], rollout["query_mask"], rollout["response_ids"], rollout["response_mask"]
         with torch.no_grad():
-            score = reward_model(lab.join_prompt_response([prompt], rollout["responses"]))
+            score = reward_model(rollout["texts"])
             old_lp, _, old_v = rlhf.response_logprobs(policy, q, qm, r, rm, with_values=True)
             ref_lp, _, _ = rlhf.response_logprobs(reference, q, qm, r, rm)
             rewards, _ = rlhf.token_rewards(old_lp, ref_lp, score.to(old_lp.device), rm, config.beta)

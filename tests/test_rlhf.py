@@ -73,7 +73,8 @@ def test_ppo_loss_clipping_and_ratio_one():
 
 @pytest.mark.parametrize("field,value,word", [
     ("beta", -0.1, "beta"), ("clip_range", 0.0, "clip_range"), ("lr", 0.0, "lr"),
-    ("minibatch_size", 128, "minibatch_size"), ("lam", 1.5, "lam")])
+    ("minibatch_size", 128, "minibatch_size"), ("lam", 1.5, "lam"), ("kl_horizon", 0.2, "kl_horizon"),
+    ("kl_horizon", 0.1, "kl_horizon"), ("temperature", 0.0, "temperature")])
 def test_bad_hyperparameters_raise_naming_them(field, value, word):
     with pytest.raises(ValueError, match=word):
         PPOConfig(**{field: value}).validate()
@@ -90,6 +91,8 @@ def test_kl_controller():
     adaptive = rlhf.KLController(0.2, adaptive=True, target=2.0, horizon=1.0)
     assert adaptive.update(10.0) == pytest.approx(0.24)   # error clipped to +0.2
     assert adaptive.update(1.8) == pytest.approx(0.24 * 0.9)
+    with pytest.raises(ValueError, match="kl_horizon"):  # 1 + (-0.2) / 0.1 < 0 would flip beta's sign
+        rlhf.KLController(0.2, adaptive=True, horizon=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +114,15 @@ def test_train_ppo_writes_the_metric_columns_and_first_ratio_is_one(tiny_lab, tm
                            lab.HELD_OUT_OPENINGS[:2], "tiny-run", tmp_path, eval_samples_per_prompt=2,
                            progress=False, on_first_minibatch=first.update)
     assert first["max_ratio_deviation"] == 0.0
-    assert len(rows) == 2
+    assert len(rows) == 3  # row 0 (the SFT model) and two iterations
     run = rlhf.read_run(tmp_path / "tiny-run.csv")
     assert tuple(run) == rlhf.METRIC_COLUMNS
-    assert np.isfinite(np.stack(list(run.values()))).all()
-    assert abs(run["kl"][0]) < 1e-5  # the policy starts as a copy of the reference
+    assert np.isfinite(np.stack([run[c] for c in rlhf.EVAL_COLUMNS])).all()
+    assert np.isnan(np.stack([run[c][0] for c in rlhf.TRAIN_COLUMNS])).all()  # no update before row 1
+    assert np.isfinite(np.stack([run[c][1:] for c in rlhf.TRAIN_COLUMNS])).all()
+    assert run["kl"][0] == 0.0  # the policy starts as a copy of the reference
+    assert abs(run["rollout_kl"][1]) < 1e-5  # the first batch is sampled before any update
+    assert ((run["updates"][1:] >= 1) & (run["updates"][1:] <= 2 * 2)).all()
 
 
 def test_evaluate_policy_returns_the_rollout_of_its_texts_and_keeps_the_random_stream(tiny_lab):
@@ -127,7 +134,8 @@ def test_evaluate_policy_returns_the_rollout_of_its_texts_and_keeps_the_random_s
     assert torch.equal(torch.random.get_rng_state(), state_before)  # its own stream: training samples unchanged
     rollout = result["rollout"]
     assert rollout["response_ids"].shape[0] == len(result["texts"]) == 6
-    assert result["texts"] == lab.join_prompt_response(rollout["prompts"], rollout["responses"])
+    assert result["texts"] == rollout["texts"] == [f"{p} {r}".strip() for p, r in zip(rollout["prompts"],
+                                                                                       rollout["responses"])]
     again = rlhf.evaluate_policy(sft, tokenizer, reward_model, lab.HELD_OUT_OPENINGS[:2], samples_per_prompt=3,
                                   max_new_tokens=6, seed=7)
     assert again["texts"] == result["texts"] and again["score"] == result["score"]
@@ -180,3 +188,171 @@ def test_ppo_rollout_shapes_and_update_early_stop(tiny_lab):
     fresh = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
     stats = rlhf.ppo_update(fresh, rlhf.ppo_optimizer(fresh, strict), batch, strict, beta=0.1)
     assert len(stats) == 2 and stats[0]["approx_kl"] == 0.0 and stats[1]["approx_kl"] > 1e-9
+    assert [s["applied"] for s in stats] == [True, False]
+
+
+def toy_distributions(seed=0, vocab=7, positions=3):
+    torch.manual_seed(seed)
+    ref = torch.randn(1, positions, vocab).log_softmax(-1)
+    logits = (ref + 0.8 * torch.randn(1, positions, vocab)).requires_grad_(True)  # a policy moved away from ref
+    return logits, ref
+
+
+def test_exact_kl_matches_its_definition_and_its_gradient_depends_on_the_reference():
+    logits, ref = toy_distributions()
+    mask = torch.tensor([[1, 1, 0]])
+    kl = rlhf.exact_kl(logits.log_softmax(-1), ref, mask)
+    p = logits.log_softmax(-1).exp()
+    by_definition = (p * (p.log() - ref)).sum(-1) * mask
+    assert torch.allclose(kl, by_definition, atol=1e-6) and kl[0, 2] == 0 and (kl[0, :2] > 0).all()
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    other_ref = torch.randn_like(ref).log_softmax(-1)
+    (other_grad,) = torch.autograd.grad(rlhf.exact_kl(logits.log_softmax(-1), other_ref, mask).sum(), logits)
+    assert not torch.allclose(grad, other_grad)  # the gradient sees the reference
+
+
+def test_loss_side_kl_alone_brings_the_policy_back_to_the_reference():
+    """Gradient steps on beta * exact KL (the loss-side KL) reduce the KL; the old form, beta * mean(log pi -
+    log pi_ref) of tokens sampled before the update with a detached reference, does not."""
+    config = PPOConfig(kl_in_reward=False)
+    mask = torch.ones(1, 3)
+
+    def run(kl_term):
+        logits, ref = toy_distributions(seed=1)
+        logits = logits.detach().requires_grad_(True)
+        torch.manual_seed(2)
+        sampled = torch.distributions.Categorical(logits=logits.detach()).sample((256,)).squeeze(1)  # (256, 3)
+        optimizer = torch.optim.SGD([logits], lr=0.5)
+        before = rlhf.exact_kl(logits.log_softmax(-1), ref, mask).sum().item()
+        for _ in range(50):
+            loss = kl_term(logits.log_softmax(-1), ref, sampled)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return before, rlhf.exact_kl(logits.log_softmax(-1), ref, mask).sum().item()
+
+    def exact_form(log_probs, ref, sampled):
+        zeros = torch.zeros(1, 3)
+        loss, _ = rlhf.ppo_loss(zeros, zeros, zeros, zeros, zeros, zeros, zeros, mask, config,
+                                kl_per_token=rlhf.exact_kl(log_probs, ref, mask), beta=1.0)
+        return loss
+
+    def sampled_k1_form(log_probs, ref, sampled):
+        new = log_probs.expand(len(sampled), -1, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        old_ref = ref.expand(len(sampled), -1, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        return (new - old_ref).mean()
+
+    before, after = run(exact_form)
+    assert after < 0.05 * before
+    before_k1, after_k1 = run(sampled_k1_form)
+    assert after_k1 > before_k1  # it pushes the policy away from where it sampled, not towards the reference
+
+
+def test_temperature_sampling_and_recomputed_logprobs_agree(tiny_lab):
+    sft, tokenizer, _ = tiny_lab
+    prompts = list(lab.HELD_OUT_OPENINGS) * 2
+    torch.manual_seed(0)
+    out = lab.generate_responses(sft, tokenizer, prompts, max_new_tokens=8, temperature=0.7, return_logprobs=True)
+    ids = (out["query_ids"], out["query_mask"], out["response_ids"], out["response_mask"])
+    with torch.no_grad():
+        at_temperature, _, _ = rlhf.response_logprobs(sft, *ids, temperature=0.7)
+        at_one, _, _ = rlhf.response_logprobs(sft, *ids)
+    real = out["response_mask"].bool()
+    assert torch.allclose(at_temperature[real], out["sampler_logprobs"][real], atol=1e-4)
+    assert not torch.allclose(at_one[real], out["sampler_logprobs"][real], atol=1e-2)  # forgetting T is caught
+
+
+def test_policy_value_head_follows_the_language_model_dtype(tiny_lab):
+    sft, tokenizer, _ = tiny_lab
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft).to(torch.bfloat16))
+    assert policy.value_head.weight.dtype == torch.bfloat16
+    out = lab.generate_responses(policy.lm, tokenizer, ["the plot is"], max_new_tokens=4)
+    logprobs, entropy, values = rlhf.response_logprobs(
+        policy, out["query_ids"], out["query_mask"], out["response_ids"], out["response_mask"], with_values=True)
+    assert logprobs.dtype == entropy.dtype == values.dtype == torch.float32
+
+
+# --- the real path: hub-shaped models built and saved here (no download) ------------------------------
+
+@pytest.fixture(scope="module")
+def hub_like(tmp_path_factory):
+    from hub_stand_ins import save_bert_classifier, save_gpt2_like
+    from transformers import GenerationConfig
+
+    root = tmp_path_factory.mktemp("hub_like")
+    return {"policy": save_gpt2_like(root / "gpt2"),
+            "policy_bf16": save_gpt2_like(root / "gpt2-bf16", dtype=torch.bfloat16),
+            "policy_with_settings": save_gpt2_like(root / "gpt2-settings", generation_config=GenerationConfig(
+                do_sample=True, top_k=5, repetition_penalty=1.8, no_repeat_ngram_size=2)),
+            "reward": save_bert_classifier(root / "bert"),
+            "reward_bf16": save_bert_classifier(root / "bert-bf16", dtype=torch.bfloat16)}
+
+
+def test_checkpoint_generation_settings_do_not_leak_into_sampling(hub_like):
+    model, tokenizer = lab.load_policy(str(hub_like["policy_with_settings"]), device=torch.device("cpu"))
+    assert model.generation_config.repetition_penalty == 1.8  # the checkpoint asks for it
+    prompts = ["the movie was", "we saw it last night and"] * 4
+
+    def sampled_and_recomputed(generate):
+        torch.manual_seed(0)
+        out = generate()
+        ids = (out["query_ids"], out["query_mask"], out["response_ids"], out["response_mask"])
+        with torch.no_grad():
+            recomputed, _, _ = rlhf.response_logprobs(model, *ids)
+        real = out["response_mask"].bool()
+        return out["sampler_logprobs"][real], recomputed[real]
+
+    sampler, recomputed = sampled_and_recomputed(
+        lambda: lab.generate_responses(model, tokenizer, prompts, max_new_tokens=12, return_logprobs=True))
+    assert torch.allclose(sampler, recomputed, atol=1e-4)
+
+    def with_checkpoint_settings():  # generate with the same request, but the checkpoint's config left in place
+        query = lab.encode_texts(tokenizer, prompts)
+        config = lab.sampling_config(tokenizer, 12, output_scores=True, return_dict_in_generate=True)
+        config.top_k, config.repetition_penalty, config.no_repeat_ngram_size = None, None, None  # "not set"
+        with torch.no_grad():
+            out = model.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
+                                 generation_config=config)
+        response = out.sequences[:, query["input_ids"].shape[1]:]
+        mask = lab.response_mask_from_ids(response, tokenizer.eos_token_id)
+        step = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        return {"query_ids": query["input_ids"], "query_mask": query["attention_mask"], "response_ids": response,
+                "response_mask": mask, "sampler_logprobs": step}
+
+    leaked, recomputed = sampled_and_recomputed(with_checkpoint_settings)
+    assert not torch.allclose(leaked, recomputed, atol=1e-2)  # the check has teeth: leaked settings are caught
+
+
+@pytest.mark.parametrize("policy_key,reward_key", [("policy", "reward"), ("policy_bf16", "reward_bf16")])
+def test_real_path_trains_end_to_end(hub_like, tmp_path, policy_key, reward_key):
+    """A byte-level BPE GPT-2 without a pad token and a WordPiece BERT classifier, through load_policy,
+    load_reward_model and train_ppo; a bfloat16 checkpoint loads in float32 unless asked otherwise."""
+    cpu = torch.device("cpu")
+    model, tokenizer = lab.load_policy(str(hub_like[policy_key]), device=cpu)
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>" and tokenizer.padding_side == "left"
+    reward_model = lab.load_reward_model(str(hub_like[reward_key]), device=cpu)
+    assert isinstance(reward_model, lab.ClassifierRewardModel) and reward_model.positive_label == 1
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(model))
+    first = {}
+    config = PPOConfig(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8, temperature=0.7, lr=1e-4)
+    rlhf.train_ppo(policy, copy.deepcopy(model), tokenizer, reward_model, config, 2, lab.train_openings(),
+                   lab.HELD_OUT_OPENINGS[:2], "hub", tmp_path, eval_samples_per_prompt=2, progress=False,
+                   on_first_minibatch=first.update, gold_labeller=None)
+    assert first["max_ratio_deviation"] < 1e-6
+    run = rlhf.read_run(tmp_path / "hub.csv")
+    assert len(run["iteration"]) == 3 and np.isnan(run["p_positive"]).all()  # no gold labels for hub text
+    assert np.isfinite(np.stack([run[c] for c in rlhf.METRIC_COLUMNS if c != "p_positive"])[:, 1:]).all()
+
+
+def test_bfloat16_weights_on_request_still_train(hub_like, tmp_path):
+    cpu = torch.device("cpu")
+    model, tokenizer = lab.load_policy(str(hub_like["policy_bf16"]), device=cpu, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    reward_model = lab.load_reward_model(str(hub_like["reward"]), device=cpu, dtype=torch.bfloat16)
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(model))
+    config = PPOConfig(batch_size=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=6, lr=1e-4, early_stop_kl=None)
+    rows = rlhf.train_ppo(policy, copy.deepcopy(model), tokenizer, reward_model, config, 1, lab.train_openings(),
+                          lab.HELD_OUT_OPENINGS[:1], "bf16", tmp_path, eval_samples_per_prompt=2, progress=False,
+                          gold_labeller=None)
+    assert np.isfinite(rows[-1]["score"]) and np.isfinite(rows[-1]["kl"]) and rows[-1]["updates"] == 1
