@@ -95,16 +95,6 @@ def test_kl_controller():
         rlhf.KLController(0.2, adaptive=True, horizon=0.1)
 
 
-@pytest.fixture(scope="module")
-def tiny_lab(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    sft, tokenizer, _ = lab.load_sft_model(lab.SFTConfig(steps=20, n_sentences=300, n_embd=32, n_head=2),
-                                             cache_dir=cache, progress=False, device=torch.device("cpu"))
-    reward_model, _ = lab.load_lab_reward_model(lab.RewardConfig(steps=5, n_pairs=100, n_embd=32, n_head=2),
-                                                  cache_dir=cache, progress=False, device=torch.device("cpu"))
-    return sft, tokenizer, reward_model
-
-
 def test_train_ppo_writes_the_metric_columns_and_first_ratio_is_one(tiny_lab, tmp_path):
     sft, tokenizer, reward_model = tiny_lab
     policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))

@@ -137,16 +137,6 @@ def test_gold_positive_reward():
     assert rlhf.gold_positive_reward(texts).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.fixture(scope="module")
-def tiny_lab(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    sft, tokenizer, _ = lab.load_sft_model(lab.SFTConfig(steps=20, n_sentences=300, n_embd=32, n_head=2),
-                                             cache_dir=cache, progress=False, device=torch.device("cpu"))
-    reward_model, _ = lab.load_lab_reward_model(lab.RewardConfig(steps=5, n_pairs=100, n_embd=32, n_head=2),
-                                                  cache_dir=cache, progress=False, device=torch.device("cpu"))
-    return sft, tokenizer, reward_model
-
-
 def test_rollout_groups_and_kl_placement(tiny_lab):
     sft, tokenizer, reward_model = tiny_lab
     reference = copy.deepcopy(sft).requires_grad_(False)
