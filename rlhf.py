@@ -467,6 +467,15 @@ def _training_metrics(batch: dict, stats_log: list, beta: float, seconds: float)
             "value_loss": mean_of("value_loss"), "updates": sum(s["applied"] for s in stats_log), "seconds": seconds}
 
 
+def run_csv_path(run_dir: Path | str, run_name: str) -> Path:
+    """``run_dir/run_name.csv``, with ``run_dir`` created; a name that is not a plain file name is refused."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
+        raise ValueError(f"run_name must use letters, digits, '_', '.', '-' only, got {run_name!r}")
+    run_path = Path(run_dir) / f"{run_name}.csv"
+    run_path.parent.mkdir(parents=True, exist_ok=True)
+    return run_path
+
+
 def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, config: PPOConfig, n_iterations: int,
               train_prompts, eval_prompts, run_name: str, run_dir: Path | str, seed: int = 0,
               eval_samples_per_prompt: int = 16, progress: bool = True, on_first_minibatch=None,
@@ -483,10 +492,7 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
     longest_prompt = max(len(tokenizer(p)["input_ids"]) for p in train_prompts + list(eval_prompts))
     config.validate(context_length(policy.lm), longest_prompt)
     check_param("n_iterations", n_iterations, low=1, integer=True)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
-        raise ValueError(f"run_name must use letters, digits, '_', '.', '-' only, got {run_name!r}")
-    run_path = Path(run_dir) / f"{run_name}.csv"
-    run_path.parent.mkdir(parents=True, exist_ok=True)
+    run_path = run_csv_path(run_dir, run_name)
 
     set_seed(seed)
     optimizer = ppo_optimizer(policy, config)
@@ -759,10 +765,7 @@ def train_critic_free(policy, ref_lm, tokenizer, reward_fn, config: CriticFreeCo
     """
     config.validate()
     check_param("n_iterations", n_iterations, low=1, integer=True)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
-        raise ValueError(f"run_name must use letters, digits, '_', '.', '-' only, got {run_name!r}")
-    run_path = Path(run_dir) / f"{run_name}.csv"
-    run_path.parent.mkdir(parents=True, exist_ok=True)
+    run_path = run_csv_path(run_dir, run_name)
     set_seed(seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)
     policy.eval()
