@@ -258,7 +258,8 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     """The PPO objective as a loss to minimise (the chapter's L = L_CLIP - c1 L_VF - beta L_KL + c2 H, negated).
 
     ``kl_per_token`` (batch, T), the exact KL of ``exact_kl``, enters the loss when the config puts the
-    KL there (``kl_in_reward=False``), as beta times its sum per response, averaged over the responses.
+    KL there (``kl_in_reward=False``), as beta times its mean over the real tokens: averaged like the
+    policy loss, so one beta weighs score against KL about as the reward-side KL does (llm_ppo.ipynb, section 7).
     Returns the loss and a dict of diagnostics (floats).
     """
     ratio = torch.exp(new_logprobs - old_logprobs)                      # (B, T)
@@ -277,7 +278,7 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     loss = policy_loss + config.value_coef * value_loss - config.entropy_coef * mean_entropy
     kl_loss = torch.zeros(())
     if kl_per_token is not None and not config.kl_in_reward:
-        kl_loss = (kl_per_token * mask).sum(1).mean()                    # nats per response, as in the reward
+        kl_loss = masked_mean(kl_per_token, mask)                        # nats per token, like the policy loss
         loss = loss + beta * kl_loss
 
     with torch.no_grad():

@@ -224,8 +224,8 @@ def test_loss_side_kl_alone_brings_the_policy_back_to_the_reference():
     def exact_form(log_probs, ref, sampled):
         zeros = torch.zeros(1, 3)
         loss, _ = rlhf.ppo_loss(zeros, zeros, zeros, zeros, zeros, zeros, zeros, mask, config,
-                                kl_per_token=rlhf.exact_kl(log_probs, ref, mask), beta=1.0)
-        return loss
+                                kl_per_token=rlhf.exact_kl(log_probs, ref, mask), beta=3.0)
+        return loss  # beta 3 x the mean over 3 tokens = the KL summed over the response
 
     def sampled_k1_form(log_probs, ref, sampled):
         new = log_probs.expand(len(sampled), -1, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
@@ -236,6 +236,19 @@ def test_loss_side_kl_alone_brings_the_policy_back_to_the_reference():
     assert after < 0.05 * before
     before_k1, after_k1 = run(sampled_k1_form)
     assert after_k1 > before_k1  # it pushes the policy away from where it sampled, not towards the reference
+
+
+def test_loss_side_kl_is_averaged_over_tokens_like_the_policy_loss():
+    """beta * KL enters the loss as beta times the mean over real tokens (not the sum per response, which would
+    weigh the KL about the mean response length times more than the token-averaged policy loss does)."""
+    config = PPOConfig(kl_in_reward=False)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    kl_per_token = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 9.0, 9.0, 9.0]]) * mask
+    zeros = torch.zeros(2, 4)
+    loss, stats = rlhf.ppo_loss(zeros, zeros, zeros, zeros, zeros, zeros, zeros, mask, config,
+                                kl_per_token=kl_per_token, beta=2.0)
+    assert stats["kl_loss"] == pytest.approx(1.5 / 5)
+    assert loss.item() == pytest.approx(2.0 * 1.5 / 5)
 
 
 def test_temperature_sampling_and_recomputed_logprobs_agree(tiny_lab):
