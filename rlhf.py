@@ -66,7 +66,7 @@ class PPOConfig:
     entropy_coef: float = 0.0     # c2 (entropy bonus)
     beta: float = 0.3             # KL coefficient (initial value when adaptive)
     kl_in_reward: bool = True     # True: -beta * (log pi - log pi_ref) per token in the reward;
-    #                               False: + beta * the exact KL per sequence in the loss (see exact_kl)
+    #                               False: + beta / sigma_A * the exact KL, averaged over tokens, in the loss
     adaptive_kl: bool = False     # adapt beta towards target_kl (Ziegler et al. 2019)
     target_kl: float = 2.0        # target per-sequence KL for the adaptive controller
     kl_horizon: float = 1.0       # controller speed: beta changes by at most 20 % / kl_horizon per iteration
@@ -221,9 +221,9 @@ def exact_kl(log_probs, ref_log_probs, response_mask):
     """KL(pi(.|s_t) || pi_ref(.|s_t)) over the whole vocabulary at every response position: (batch, T).
 
     Summed over a response it is a sample of the sequence KL (by the chain rule, its mean over sampled
-    responses IS the sequence KL) with far less noise than log pi - log pi_ref of the sampled tokens;
-    and its gradient is the gradient of that divergence, because it does not depend on which token was
-    sampled.
+    responses IS the sequence KL) with far less noise than log pi - log pi_ref of the sampled tokens.
+    Its gradient is that of the per-position KLs at the visited prefixes: the part of the sequence
+    KL's gradient that keeps those states fixed (llm_ppo.ipynb, section 7).
     """
     return (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1) * response_mask
 
@@ -412,8 +412,8 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, batch: dict, config: PPOC
     per_row = {name: value for name, value in batch.items() if value.dim() > 0}  # minibatches slice these
     policy.train(config.dropout)  # eval mode (dropout off) unless the config asks for the bug
     # In the reward, beta * KL is divided by the advantages' standard deviation when they are whitened; in the
-    # loss it is divided by the same number, so that one beta weighs score against KL alike in both places.
-    loss_beta = beta / batch["raw_advantage_std"].item() if config.whiten_advantages else beta
+    # loss it is divided by this batch's equivalent, so that one beta is on the same scale in both places.
+    loss_beta = beta / max(batch["raw_advantage_std"].item(), 1e-8) if config.whiten_advantages else beta
     stats_log = []
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(n_rows)
