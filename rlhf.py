@@ -331,8 +331,9 @@ def evaluate_policy(lm, tokenizer, reward_model, prompts, samples_per_prompt: in
     per-sequence ``kl`` to ``reference`` (the exact KL summed over each response, then averaged; NaN
     without a reference), the mean ``response_length`` in tokens, the ``texts``, their gold ``labels``
     and the ``rollout`` (token ids and masks, for callers that measure more on the same samples).
-    Uses its own random stream (``fork_rng``, on the CPU and on the model's GPU), so evaluating does
-    not change the training run's samples.
+    Samples from its own random stream (``fork_rng``, on the CPU and on the model's GPU), so evaluating
+    does not change the training run's samples. Exception: with ``dropout=True`` the two KL passes
+    draw their dropout masks from the global stream (only llm_ppo_correct_dropout's dropout_on runs).
     """
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     device = next(lm.parameters()).device
