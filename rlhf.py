@@ -116,8 +116,8 @@ class PolicyWithValueHead:
     critic's squared errors, in reward units, would otherwise flow into the
     language model and compete with the policy gradient (llm_ppo.ipynb measures both gradients).
 
-    Calling it returns logits (batch, seq_len, vocab) and values (batch, seq_len), float32:
-    ``values[:, i]`` estimates the return from the state "tokens 0..i seen".
+    Calling it returns logits (batch, seq_len, vocab), or only at the positions ``logits_to_keep`` names,
+    and values (batch, seq_len), float32: ``values[:, i]`` estimates the return from the state "tokens 0..i seen".
     """
 
     def __init__(self, lm, detach_value: bool = True):
@@ -137,9 +137,9 @@ class PolicyWithValueHead:
     def eval(self):
         return self.train(False)
 
-    def __call__(self, input_ids, attention_mask, position_ids):
+    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep: int | torch.Tensor = 0):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True)
+                      output_hidden_states=True, logits_to_keep=logits_to_keep)
         hidden = out.hidden_states[-1]
         values = self.value_head(hidden.detach() if self.detach_value else hidden).squeeze(-1)
         return out.logits, values.float()
@@ -177,20 +177,30 @@ def response_log_distribution(model, query_ids, query_mask, response_ids, respon
     attention_mask = torch.cat([query_mask, response_mask], dim=1)     # (B, P + T)
     position_ids = position_ids_from_mask(attention_mask)
     prompt_len = query_ids.shape[1]
+    # The output layer runs only at the T positions P - 1 .. P + T - 2 that predict a response token: at GPT-2's
+    # 50,257-token vocabulary it is a third of the model's arithmetic. (Positions as a tensor: transformers then
+    # gathers them into a contiguous copy; a strided slice is slow in bfloat16 on a CPU.)
+    keep = torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)  # (T,)
     if with_values:
-        logits, values = model(input_ids, attention_mask, position_ids)
+        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep)
         values = values[:, prompt_len - 1:-1]                          # (B, T)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=keep).logits
         values = None
-    logits = logits[:, prompt_len - 1:-1].float() / temperature        # (B, T, vocab)
+    logits = logits.float() / temperature                              # (B, T, vocab)
     return logits.log_softmax(-1), values
 
 
-def sampled_logprobs_and_entropy(log_probs, response_ids):
-    """From log_probs (batch, T, vocab): the sampled tokens' log-probabilities and the entropies, each (batch, T)."""
+def sampled_logprobs_and_entropy(log_probs, response_ids, entropy_grad: bool = True):
+    """From log_probs (batch, T, vocab): the sampled tokens' log-probabilities and the entropies, each (batch, T).
+
+    ``entropy_grad=False`` leaves the entropies out of autograd: a logged diagnostic when the loss has no
+    entropy bonus (c2 = 0), which spares the backward pass three operations over the whole vocabulary.
+    """
     logprobs = log_probs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    source = log_probs if entropy_grad else log_probs.detach()
+    entropy = -(source.exp() * source).sum(-1)
     return logprobs, entropy
 
 
@@ -424,7 +434,8 @@ def ppo_update(policy: PolicyWithValueHead, optimizer, batch: dict, config: PPOC
             log_probs, new_values = response_log_distribution(
                 policy, mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"], True,
                 config.temperature)
-            new_logprobs, entropy = sampled_logprobs_and_entropy(log_probs, mb["response_ids"])
+            new_logprobs, entropy = sampled_logprobs_and_entropy(log_probs, mb["response_ids"],
+                                                                 entropy_grad=config.entropy_coef > 0)
             kl_per_token = None if config.kl_in_reward else exact_kl(log_probs, mb["ref_log_probs"],
                                                                       mb["response_mask"])
             loss, stats = ppo_loss(new_logprobs, mb["old_logprobs"], mb["advantages"], new_values, mb["old_values"],
@@ -469,6 +480,22 @@ def _training_metrics(batch: dict, stats_log: list, beta: float, seconds: float)
             "value_loss": mean_of("value_loss"), "updates": sum(s["applied"] for s in stats_log), "seconds": seconds}
 
 
+def check_policy_and_reference(policy_lm, ref_lm) -> None:
+    """Raise a ValueError before training if the policy would silently not learn.
+
+    The training loops freeze their reference (``requires_grad_(False)``), and ``copy.deepcopy`` copies that
+    flag: a policy copied from a model that an earlier run used as its reference has nothing to train, and
+    Adam skips parameters without gradients, so the run would go through without an error.
+    """
+    if policy_lm is ref_lm:
+        raise ValueError("the policy and the reference are the same model: pass a copy as the reference "
+                         "(copy.deepcopy), or training would drag the reference along")
+    if not any(p.requires_grad for p in policy_lm.parameters()):
+        raise ValueError("the policy has no trainable parameter (requires_grad is False everywhere): was it copied "
+                         "from a model an earlier run froze as its reference? Copy it from an unfrozen model, or call "
+                         "requires_grad_(True) on it")
+
+
 def run_csv_path(run_dir: Path | str, run_name: str) -> Path:
     """``run_dir/run_name.csv``, with ``run_dir`` created; a name that is not a plain file name is refused."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
@@ -494,6 +521,7 @@ def train_ppo(policy: PolicyWithValueHead, ref_lm, tokenizer, reward_model, conf
     longest_prompt = max(len(tokenizer(p)["input_ids"]) for p in train_prompts + list(eval_prompts))
     config.validate(context_length(policy.lm), longest_prompt)
     check_param("n_iterations", n_iterations, low=1, integer=True)
+    check_policy_and_reference(policy.lm, ref_lm)
     run_path = run_csv_path(run_dir, run_name)
 
     set_seed(seed)
@@ -767,6 +795,7 @@ def train_critic_free(policy, ref_lm, tokenizer, reward_fn, config: CriticFreeCo
     """
     config.validate()
     check_param("n_iterations", n_iterations, low=1, integer=True)
+    check_policy_and_reference(policy, ref_lm)
     run_path = run_csv_path(run_dir, run_name)
     set_seed(seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=True)

@@ -143,6 +143,22 @@ def test_train_ppo_rejects_bad_input_before_training(tiny_lab, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_policy_that_cannot_learn_is_refused_before_training(tiny_lab, tmp_path):
+    sft, tokenizer, reward_model = tiny_lab
+    frozen = copy.deepcopy(sft).requires_grad_(False)   # e.g. copied from a model an earlier run used as reference
+    args = (tokenizer, reward_model, PPOConfig(), 1, lab.train_openings(), lab.HELD_OUT_OPENINGS, "x", tmp_path)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        rlhf.train_ppo(rlhf.PolicyWithValueHead(frozen), copy.deepcopy(sft), *args, progress=False)
+    with pytest.raises(ValueError, match="same model"):
+        policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
+        rlhf.train_ppo(policy, policy.lm, *args, progress=False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        rlhf.train_critic_free(frozen, copy.deepcopy(sft), tokenizer, reward_model, rlhf.critic_free_method("grpo"), 1,
+                               lab.train_openings(), lab.HELD_OUT_OPENINGS, "x", tmp_path, reward_model,
+                               progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_nan_loss_stops_with_a_message(tiny_lab, tmp_path):
     sft, tokenizer, _ = tiny_lab
 
@@ -275,6 +291,44 @@ def test_policy_value_head_follows_the_language_model_dtype(tiny_lab):
     assert logprobs.dtype == entropy.dtype == values.dtype == torch.float32
 
 
+def test_log_distribution_reads_the_output_layer_only_where_response_tokens_are_predicted(tiny_lab):
+    sft, tokenizer, _ = tiny_lab
+    torch.manual_seed(0)
+    out = lab.generate_responses(sft, tokenizer, list(lab.HELD_OUT_OPENINGS), max_new_tokens=6)
+    ids = (out["query_ids"], out["query_mask"], out["response_ids"], out["response_mask"])
+    policy = rlhf.PolicyWithValueHead(sft)
+    with torch.no_grad():
+        log_probs, values = rlhf.response_log_distribution(policy, *ids, with_values=True, temperature=0.7)
+        input_ids = torch.cat([ids[0], ids[2]], 1)
+        attention_mask = torch.cat([ids[1], ids[3]], 1)
+        full_logits, full_values = policy(input_ids, attention_mask, lab.position_ids_from_mask(attention_mask))
+    prompt_length = ids[0].shape[1]
+    assert log_probs.shape == (*ids[2].shape, len(tokenizer))
+    expected = (full_logits[:, prompt_length - 1:-1] / 0.7).log_softmax(-1)  # every position, then sliced
+    assert torch.allclose(log_probs, expected, atol=1e-6)
+    assert torch.equal(values, full_values[:, prompt_length - 1:-1])
+
+
+def test_entropy_left_out_of_autograd_changes_no_gradient_when_its_coefficient_is_zero(tiny_lab):
+    sft, tokenizer, _ = tiny_lab
+    torch.manual_seed(0)
+    out = lab.generate_responses(sft, tokenizer, list(lab.HELD_OUT_OPENINGS), max_new_tokens=6)
+    ids = (out["query_ids"], out["query_mask"], out["response_ids"], out["response_mask"])
+    mask = out["response_mask"]
+    gradients = []
+    for entropy_grad in (True, False):
+        policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
+        log_probs, values = rlhf.response_log_distribution(policy, *ids, with_values=True)
+        logprobs, entropy = rlhf.sampled_logprobs_and_entropy(log_probs, ids[2], entropy_grad=entropy_grad)
+        assert entropy.requires_grad == entropy_grad
+        advantages = torch.linspace(-1, 1, mask.numel()).view_as(mask) * mask
+        loss, _ = rlhf.ppo_loss(logprobs, logprobs.detach() - 0.05, advantages, values, values.detach(),
+                                values.detach() + 1, entropy, mask, PPOConfig(entropy_coef=0.0))
+        loss.backward()
+        gradients.append([p.grad.clone() for p in policy.lm.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*gradients))
+
+
 # --- the real path: hub-shaped models built and saved here (no download) ------------------------------
 
 @pytest.fixture(scope="module")
@@ -346,6 +400,26 @@ def test_real_path_trains_end_to_end(hub_like, tmp_path, policy_key, reward_key)
     run = rlhf.read_run(tmp_path / "hub.csv")
     assert len(run["iteration"]) == 3 and np.isnan(run["p_positive"]).all()  # no gold labels for hub text
     assert np.isfinite(np.stack([run[c] for c in rlhf.METRIC_COLUMNS if c != "p_positive"])[:, 1:]).all()
+
+
+@pytest.mark.parametrize("key", ["policy", "policy_bf16"])
+def test_tied_embedding_gets_the_dense_gradient_through_a_sparse_one(hub_like, key):
+    """load_policy makes the input side of GPT-2's tied embedding send a sparse gradient (no vocabulary-sized
+    matrix of zeros per backward pass); the parameter's gradient is the same dense one as without it."""
+    dtype = torch.bfloat16 if key == "policy_bf16" else torch.float32
+    model, tokenizer = lab.load_policy(str(hub_like[key]), device=torch.device("cpu"), dtype=dtype)
+    embedding = model.get_input_embeddings()
+    assert embedding.sparse and embedding.weight is model.get_output_embeddings().weight
+    batch = tokenizer(["the movie was good and the plot was good", "we saw it"], return_tensors="pt", padding=True)
+    gradients = []
+    for sparse in (True, False):
+        embedding.sparse = sparse
+        model.zero_grad(set_to_none=True)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        assert embedding.weight.grad.layout == torch.strided
+        gradients.append(embedding.weight.grad.float())
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(gradients[0], gradients[1], atol=tolerance * gradients[1].abs().max().item())
 
 
 def test_bfloat16_weights_on_request_still_train(hub_like, tmp_path):
