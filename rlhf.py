@@ -188,6 +188,8 @@ def response_log_distribution(model, query_ids, query_mask, response_ids, respon
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        logits_to_keep=keep).logits
         values = None
+    if logits.shape[1] != len(keep):  # a model that ignores logits_to_keep returns every position
+        logits = logits[:, keep]
     logits = logits.float() / temperature                              # (B, T, vocab)
     return logits.log_softmax(-1), values
 
@@ -487,8 +489,9 @@ def check_policy_and_reference(policy_lm, ref_lm) -> None:
     flag: a policy copied from a model that an earlier run used as its reference has nothing to train, and
     Adam skips parameters without gradients, so the run would go through without an error.
     """
-    if policy_lm is ref_lm:
-        raise ValueError("the policy and the reference are the same model: pass a copy as the reference "
+    reference_storage = {p.data_ptr() for p in ref_lm.parameters()}
+    if policy_lm is ref_lm or any(p.data_ptr() in reference_storage for p in policy_lm.parameters()):
+        raise ValueError("the policy and the reference share their weights: pass a copy as the reference "
                          "(copy.deepcopy), or training would drag the reference along")
     if not any(p.requires_grad for p in policy_lm.parameters()):
         raise ValueError("the policy has no trainable parameter (requires_grad is False everywhere): was it copied "

@@ -149,9 +149,10 @@ def test_a_policy_that_cannot_learn_is_refused_before_training(tiny_lab, tmp_pat
     args = (tokenizer, reward_model, PPOConfig(), 1, lab.train_openings(), lab.HELD_OUT_OPENINGS, "x", tmp_path)
     with pytest.raises(ValueError, match="no trainable parameter"):
         rlhf.train_ppo(rlhf.PolicyWithValueHead(frozen), copy.deepcopy(sft), *args, progress=False)
-    with pytest.raises(ValueError, match="same model"):
-        policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
-        rlhf.train_ppo(policy, policy.lm, *args, progress=False)
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
+    for reference in (policy.lm, copy.copy(policy.lm)):    # the same model, or a shallow copy sharing its weights
+        with pytest.raises(ValueError, match="share their weights"):
+            rlhf.train_ppo(policy, reference, *args, progress=False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         rlhf.train_critic_free(frozen, copy.deepcopy(sft), tokenizer, reward_model, rlhf.critic_free_method("grpo"), 1,
                                lab.train_openings(), lab.HELD_OUT_OPENINGS, "x", tmp_path, reward_model,
@@ -307,6 +308,32 @@ def test_log_distribution_reads_the_output_layer_only_where_response_tokens_are_
     expected = (full_logits[:, prompt_length - 1:-1] / 0.7).log_softmax(-1)  # every position, then sliced
     assert torch.allclose(log_probs, expected, atol=1e-6)
     assert torch.equal(values, full_values[:, prompt_length - 1:-1])
+
+    class IgnoresLogitsToKeep(torch.nn.Module):  # like a model without the argument: logits at every position
+        def forward(self, input_ids, attention_mask, position_ids, **unused):
+            return sft(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    with torch.no_grad():
+        from_all_positions, _ = rlhf.response_log_distribution(IgnoresLogitsToKeep(), *ids, temperature=0.7)
+    assert torch.allclose(from_all_positions, log_probs, atol=1e-6)
+
+
+def test_entropy_bonus_still_trains_the_policy_when_its_coefficient_is_positive(tiny_lab):
+    """ppo_update leaves the entropy out of autograd only when c2 = 0: with c2 > 0 the update must differ."""
+    sft, tokenizer, reward_model = tiny_lab
+    torch.manual_seed(0)
+    policy = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
+    batch = rlhf.ppo_rollout(policy, copy.deepcopy(sft), tokenizer, reward_model, list(lab.train_openings()[:8]),
+                             PPOConfig(max_new_tokens=6), beta=0.1)
+    updated = []
+    for entropy_coef in (0.0, 0.0, 0.5):
+        config = PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=1, early_stop_kl=None, entropy_coef=entropy_coef)
+        fresh = rlhf.PolicyWithValueHead(copy.deepcopy(sft))
+        torch.manual_seed(1)  # the same minibatch order each time
+        rlhf.ppo_update(fresh, rlhf.ppo_optimizer(fresh, config), batch, config, beta=0.1)
+        updated.append(torch.cat([p.detach().flatten() for p in fresh.lm.parameters()]))
+    assert torch.equal(updated[0], updated[1])      # the comparison is exact: only c2 may make a difference
+    assert not torch.equal(updated[0], updated[2])
 
 
 def test_entropy_left_out_of_autograd_changes_no_gradient_when_its_coefficient_is_zero(tiny_lab):
