@@ -177,9 +177,9 @@ def response_log_distribution(model, query_ids, query_mask, response_ids, respon
     attention_mask = torch.cat([query_mask, response_mask], dim=1)     # (B, P + T)
     position_ids = position_ids_from_mask(attention_mask)
     prompt_len = query_ids.shape[1]
-    # The output layer runs only at the T positions P - 1 .. P + T - 2 that predict a response token: at GPT-2's
-    # 50,257-token vocabulary it is a third of the model's arithmetic. (Positions as a tensor: transformers then
-    # gathers them into a contiguous copy; a strided slice is slow in bfloat16 on a CPU.)
+    # The output layer runs only at the T positions P - 1 .. P + T - 2 that predict a response token: with GPT-2
+    # small's 50,257-token vocabulary it is about a third of the model's arithmetic. (Positions as a tensor:
+    # transformers then gathers them into a contiguous copy; a strided slice is slow in bfloat16 on a CPU.)
     keep = torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)  # (T,)
     if with_values:
         logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep)
@@ -483,13 +483,13 @@ def _training_metrics(batch: dict, stats_log: list, beta: float, seconds: float)
 
 
 def check_policy_and_reference(policy_lm, ref_lm) -> None:
-    """Raise a ValueError before training if the policy would silently not learn.
+    """Raise a ValueError before training if the policy shares weights with its reference, or has nothing to train.
 
     The training loops freeze their reference (``requires_grad_(False)``), and ``copy.deepcopy`` copies that
     flag: a policy copied from a model that an earlier run used as its reference has nothing to train, and
     Adam skips parameters without gradients, so the run would go through without an error.
     """
-    reference_storage = {p.data_ptr() for p in ref_lm.parameters()}
+    reference_storage = {p.data_ptr() for p in ref_lm.parameters() if p.numel() > 0}
     if policy_lm is ref_lm or any(p.data_ptr() in reference_storage for p in policy_lm.parameters()):
         raise ValueError("the policy and the reference share their weights: pass a copy as the reference "
                          "(copy.deepcopy), or training would drag the reference along")
